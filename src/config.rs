@@ -1,0 +1,164 @@
+//! Command-line interface: one clap struct per subcommand. Every flag is also
+//! an environment variable `PROMPTGATE_*` (the text-embeddings-inference habit),
+//! so a systemd unit can configure the daemon with `Environment=` lines.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// promptgate: screens prompts for injection, jailbreaks and harmful requests
+/// with a small GGUF model, before an AI agent sees them.
+#[derive(Debug, Parser)]
+#[command(name = "promptgate", version, about, long_about = None)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, env = "PROMPTGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Log filter, in `tracing` env-filter syntax (e.g. `info`, `promptgate=debug`).
+    #[arg(
+        long,
+        global = true,
+        env = "PROMPTGATE_LOG",
+        default_value = "info,llama-cpp-2=warn"
+    )]
+    pub log: String,
+    /// The subcommand.
+    #[command(subcommand)]
+    pub command: Commands,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Commands {
+    /// Classify prompts once and print one JSON line each. Exit 0: all benign;
+    /// 1: any malicious; 2: error.
+    Classify(ClassifyArgs),
+    /// Run the daemon on a Unix socket.
+    Serve(ServeArgs),
+}
+
+/// Which model to load and how to run it.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// Directory holding GGUF models.
+    #[arg(long, env = "PROMPTGATE_MODELS_DIR", default_value = "models")]
+    pub models_dir: PathBuf,
+    /// Model to serve: a file name in --models-dir, or a path. Required when
+    /// the directory holds more than one GGUF.
+    #[arg(long, env = "PROMPTGATE_MODEL")]
+    pub model: Option<String>,
+    /// CPU threads for inference (default: all cores).
+    #[arg(long, env = "PROMPTGATE_THREADS")]
+    pub threads: Option<usize>,
+    /// Context size in tokens (n_ctx): template plus one window of the prompt.
+    #[arg(long, env = "PROMPTGATE_N_CTX", default_value_t = 2048)]
+    pub n_ctx: u32,
+    /// Tokens shared by consecutive windows when a prompt is longer than one window.
+    #[arg(long, env = "PROMPTGATE_WINDOW_OVERLAP", default_value_t = 64)]
+    pub window_overlap: usize,
+    /// Longest prompt accepted, in tokens; longer ones get `input_too_long`.
+    #[arg(long, env = "PROMPTGATE_MAX_PROMPT_TOKENS", default_value_t = 32_768)]
+    pub max_prompt_tokens: usize,
+}
+
+/// `promptgate classify`.
+#[derive(Debug, Args)]
+pub struct ClassifyArgs {
+    /// The model.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Threshold on P(malicious); the model's default when absent.
+    #[arg(long, env = "PROMPTGATE_THRESHOLD")]
+    pub threshold: Option<f64>,
+    /// The prompt, or `-` to read one prompt per line from standard input.
+    pub text: String,
+}
+
+/// `promptgate serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The model.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Unix socket path to bind (ignored when systemd passes a socket in LISTEN_FDS).
+    #[arg(
+        long,
+        env = "PROMPTGATE_SOCKET",
+        default_value = "/run/promptgate/promptgate.sock"
+    )]
+    pub socket: PathBuf,
+    /// File mode of the socket, in octal.
+    #[arg(long, env = "PROMPTGATE_SOCKET_MODE", default_value = "660", value_parser = parse_octal)]
+    pub socket_mode: u32,
+    /// Requests that may wait in the inference queue; past it, `overloaded` at once.
+    #[arg(long, env = "PROMPTGATE_QUEUE_CAPACITY", default_value_t = crate::engine::DEFAULT_QUEUE_CAPACITY)]
+    pub queue_capacity: usize,
+    /// Longest request line in bytes; longer lines get `line_too_long`.
+    #[arg(long, env = "PROMPTGATE_MAX_LINE_BYTES", default_value_t = crate::protocol::DEFAULT_MAX_LINE_BYTES)]
+    pub max_line_bytes: usize,
+    /// Requests one connection may have in flight before the daemon stops reading it.
+    #[arg(long, env = "PROMPTGATE_MAX_IN_FLIGHT", default_value_t = 16)]
+    pub max_in_flight: usize,
+    /// Seconds to finish in-flight requests after SIGTERM or SIGINT.
+    #[arg(long, env = "PROMPTGATE_SHUTDOWN_GRACE", default_value_t = 30.0)]
+    pub shutdown_grace: f64,
+}
+
+fn parse_octal(s: &str) -> Result<u32, String> {
+    let mode = u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .map_err(|e| format!("not an octal mode: {e}"))?;
+    if mode > 0o777 {
+        return Err("mode must be at most 777".into());
+    }
+    Ok(mode)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_flag_has_an_env_var() {
+        fn walk(cmd: &clap::Command) {
+            for arg in cmd.get_arguments() {
+                let positional = arg.get_long().is_none();
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if !positional && !builtin {
+                    let env = arg.get_env().map(|e| e.to_string_lossy().into_owned());
+                    assert!(
+                        env.as_deref().is_some_and(|e| e.starts_with("PROMPTGATE_")),
+                        "--{} has no PROMPTGATE_* variable",
+                        arg.get_id()
+                    );
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub);
+            }
+        }
+        walk(&Cli::command());
+    }
+
+    #[test]
+    fn socket_mode_is_octal() {
+        assert_eq!(parse_octal("660").unwrap(), 0o660);
+        assert_eq!(parse_octal("0o600").unwrap(), 0o600);
+        assert!(parse_octal("999").is_err());
+        assert!(parse_octal("1777").is_err());
+    }
+}

@@ -1,0 +1,508 @@
+//! The llama.cpp scorer: one GGUF model, one context, one sequence.
+//!
+//! Request path: tokenize the user text (special tokens *not* parsed, so a
+//! prompt cannot forge `<|im_end|>`), cover it with windows, and for each
+//! window decode `window ++ suffix` after the cached instruction prefix; read
+//! the logits at the last position (the verdict position) and turn the label
+//! tokens' logits into P(malicious).
+//!
+//! The instruction prefix (system message and the start of the user turn) is
+//! evaluated once per loaded model and kept in sequence 0 of the KV cache;
+//! after each window the sequence is trimmed back to the prefix with
+//! `llama_memory_seq_rm`, so no request pays for the prefix again and no copy
+//! of the cache is made.
+
+use std::io::Read;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
+use llama_cpp_2::token::LlamaToken;
+use sha2::{Digest, Sha256};
+
+use super::profile::{self, ModelMeta, Profile, TemplateSource, TEXT_SLOT};
+use super::windows::windows;
+use super::{EngineError, Score, Scorer};
+use crate::protocol::ModelRef;
+
+/// Settings of the llama.cpp engine.
+#[derive(Debug, Clone)]
+pub struct LlamaConfig {
+    /// CPU threads for decoding (llama.cpp `n_threads` and `n_threads_batch`).
+    pub threads: usize,
+    /// Context size in tokens (`n_ctx`), clamped to the model's `n_ctx_train`.
+    /// Template and prompt window share it.
+    pub n_ctx: u32,
+    /// Tokens shared by consecutive windows of a long prompt.
+    pub window_overlap: usize,
+    /// Prompts with more tokens than this are refused with `input_too_long`.
+    pub max_prompt_tokens: usize,
+}
+
+impl Default for LlamaConfig {
+    fn default() -> Self {
+        LlamaConfig {
+            threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            n_ctx: 2048,
+            window_overlap: 64,
+            max_prompt_tokens: 32_768,
+        }
+    }
+}
+
+/// The process-wide llama.cpp backend: `llama_backend_init` may run only once.
+///
+/// # Errors
+/// [`EngineError::Load`] if llama.cpp could not be initialised.
+pub fn backend() -> Result<&'static LlamaBackend, EngineError> {
+    static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
+    BACKEND
+        .get_or_init(|| {
+            llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
+            LlamaBackend::init().map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(|e| EngineError::Load {
+            path: String::new(),
+            reason: format!("llama.cpp backend init failed: {e}"),
+        })
+}
+
+/// Checks that `path` starts like a GGUF file: magic `GGUF`, version 2 or 3,
+/// and is large enough to hold a header. Cheap, done before llama.cpp sees it.
+///
+/// # Errors
+/// [`EngineError::Load`] naming what is wrong.
+pub fn check_gguf_header(path: &Path) -> Result<u64, EngineError> {
+    let err = |reason: String| EngineError::Load {
+        path: path.display().to_string(),
+        reason,
+    };
+    let mut f = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+    let len = f.metadata().map_err(|e| err(e.to_string()))?.len();
+    let mut head = [0u8; 24];
+    f.read_exact(&mut head)
+        .map_err(|_| err(format!("file is too short for a GGUF header ({len} bytes)")))?;
+    if &head[0..4] != b"GGUF" {
+        return Err(err("not a GGUF file (bad magic)".into()));
+    }
+    let version = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+    if !(2..=3).contains(&version) {
+        return Err(err(format!("unsupported GGUF version {version}")));
+    }
+    Ok(len)
+}
+
+/// Hex sha256 of a file, read in 1 MiB chunks.
+///
+/// # Errors
+/// I/O errors reading the file.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// Scores prompts with a GGUF model through llama.cpp.
+pub struct LlamaScorer {
+    // Field order matters: `ctx` borrows `model` and must be dropped first.
+    ctx: LlamaContext<'static>,
+    batch: LlamaBatch<'static>,
+    model: Arc<LlamaModel>,
+    model_ref: ModelRef,
+    profile: Profile,
+    prefix: Vec<LlamaToken>,
+    suffix: Vec<LlamaToken>,
+    malicious_ids: Vec<LlamaToken>,
+    benign_ids: Vec<LlamaToken>,
+    window_tokens: usize,
+    config: LlamaConfig,
+    /// Whether sequence 0 holds exactly the evaluated prefix.
+    prefix_cached: bool,
+    /// False for recurrent and hybrid models, whose memory cannot be trimmed to a position.
+    prefix_reuse: bool,
+    path: PathBuf,
+}
+
+impl LlamaScorer {
+    /// Loads `path` (fully into memory, without mmap, so that overwriting the
+    /// file cannot SIGBUS the daemon), picks its profile, renders the template
+    /// and evaluates the instruction prefix.
+    ///
+    /// # Errors
+    /// [`EngineError::Load`] for unreadable or invalid files,
+    /// [`EngineError::Unsupported`] when the profile cannot be applied.
+    pub fn load(path: &Path, config: LlamaConfig) -> Result<LlamaScorer, EngineError> {
+        let load_err = |reason: String| EngineError::Load {
+            path: path.display().to_string(),
+            reason,
+        };
+        check_gguf_header(path)?;
+        let sha256 = sha256_file(path).map_err(|e| load_err(e.to_string()))?;
+        let name = path.file_name().map_or_else(
+            || path.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        let backend = backend()?;
+        let params = LlamaModelParams::default().with_use_mmap(false);
+        let model = LlamaModel::load_from_file(backend, path, &params)
+            .map_err(|e| load_err(format!("llama.cpp could not load it: {e}")))?;
+        let model = Arc::new(model);
+        let unsupported = |reason: String| EngineError::Unsupported {
+            model: name.clone(),
+            reason,
+        };
+
+        let meta = ModelMeta {
+            architecture: model
+                .meta_val_str("general.architecture")
+                .unwrap_or_default(),
+            name: format!(
+                "{} {} {}",
+                model.meta_val_str("general.name").unwrap_or_default(),
+                model.meta_val_str("general.basename").unwrap_or_default(),
+                name
+            ),
+            has_chat_template: model.chat_template(None).is_ok(),
+        };
+        let profile = profile::select(&meta);
+        let (prefix_text, suffix_text) = render(&model, &profile).map_err(unsupported)?;
+        let vocab = model.vocab();
+        let prefix = vocab.tokenize(prefix_text.as_bytes(), true, true);
+        let suffix = vocab.tokenize(suffix_text.as_bytes(), false, true);
+        let single = |labels: &[String]| -> Vec<LlamaToken> {
+            let mut ids: Vec<LlamaToken> = labels
+                .iter()
+                .filter_map(
+                    |l| match vocab.tokenize(l.as_bytes(), false, false).as_slice() {
+                        [t] => Some(*t),
+                        _ => None,
+                    },
+                )
+                .collect();
+            ids.sort();
+            ids.dedup();
+            ids
+        };
+        let malicious_ids = single(&profile.malicious_labels);
+        let benign_ids = single(&profile.benign_labels);
+        if malicious_ids.is_empty() || benign_ids.is_empty() {
+            return Err(unsupported(format!(
+                "profile {}: no label is a single token in this vocabulary",
+                profile.name
+            )));
+        }
+        if malicious_ids.iter().any(|m| benign_ids.contains(m)) {
+            return Err(unsupported(
+                "malicious and benign labels share a token".into(),
+            ));
+        }
+
+        let n_ctx = config.n_ctx.min(model.n_ctx_train()).max(1);
+        let overhead = prefix.len() + suffix.len();
+        let window_tokens = (n_ctx as usize).saturating_sub(overhead);
+        if window_tokens < 16 {
+            return Err(unsupported(format!(
+                "n_ctx {n_ctx} leaves {window_tokens} tokens for the prompt after the {overhead}-token template; raise --n-ctx"
+            )));
+        }
+        let threads = i32::try_from(config.threads.max(1)).unwrap_or(i32::MAX);
+        let ctx_params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(n_ctx))
+            .with_n_batch(n_ctx)
+            .with_n_ubatch(n_ctx.min(512))
+            .with_n_seq_max(1)
+            .with_swa_full(true)
+            .with_n_threads(threads)
+            .with_n_threads_batch(threads);
+        // SAFETY: the context borrows the model, which lives in an `Arc` held by
+        // the same struct and declared after `ctx`, so it outlives the context.
+        let model_static: &'static LlamaModel = unsafe { &*Arc::as_ptr(&model) };
+        let ctx = model_static
+            .new_context(backend, ctx_params)
+            .map_err(|e| load_err(format!("cannot create context: {e}")))?;
+        let prefix_reuse = !(model.is_recurrent() || model.is_hybrid());
+        let mut scorer = LlamaScorer {
+            ctx,
+            batch: LlamaBatch::new(n_ctx as usize, 1),
+            model,
+            model_ref: ModelRef { name, sha256 },
+            profile,
+            prefix,
+            suffix,
+            malicious_ids,
+            benign_ids,
+            window_tokens,
+            config: LlamaConfig { n_ctx, ..config },
+            prefix_cached: false,
+            prefix_reuse,
+            path: path.to_path_buf(),
+        };
+        if scorer.prefix_reuse {
+            scorer.cache_prefix()?;
+        }
+        tracing::info!(
+            model = %scorer.model_ref.name,
+            profile = %scorer.profile.name,
+            n_ctx,
+            prefix_tokens = scorer.prefix.len(),
+            suffix_tokens = scorer.suffix.len(),
+            window_tokens,
+            "model loaded"
+        );
+        Ok(scorer)
+    }
+
+    /// The profile in use.
+    pub fn profile(&self) -> &Profile {
+        &self.profile
+    }
+
+    /// Tokens of text a single window holds (`n_ctx` minus the template).
+    pub fn window_tokens(&self) -> usize {
+        self.window_tokens
+    }
+
+    /// The loaded model.
+    pub fn model_handle(&self) -> &LlamaModel {
+        &self.model
+    }
+
+    /// Tokenizes user text as the scorer does: no BOS, special tokens not parsed.
+    pub fn tokenize_text(&self, text: &str) -> Vec<LlamaToken> {
+        self.model.vocab().tokenize(text.as_bytes(), false, false)
+    }
+
+    /// Scores `text` with the whole template evaluated from scratch for every
+    /// window, without the prefix cache: the reference the cache is tested against.
+    ///
+    /// # Errors
+    /// As [`Scorer::score`].
+    pub fn score_uncached(&mut self, text: &str) -> Result<Score, EngineError> {
+        let score = self.score_with(text, false);
+        self.prefix_cached = false;
+        score
+    }
+
+    fn cache_prefix(&mut self) -> Result<(), EngineError> {
+        self.ctx.clear_kv_cache();
+        self.batch.clear();
+        for (i, &t) in self.prefix.iter().enumerate() {
+            self.batch
+                .add(t, pos(i), &[0], false)
+                .map_err(|e| EngineError::Inference(e.to_string()))?;
+        }
+        self.ctx
+            .decode(&mut self.batch)
+            .map_err(|e| EngineError::Inference(format!("prefix decode: {e}")))?;
+        self.prefix_cached = true;
+        Ok(())
+    }
+
+    fn score_with(&mut self, text: &str, use_cache: bool) -> Result<Score, EngineError> {
+        let tokens = self.tokenize_text(text);
+        if tokens.len() > self.config.max_prompt_tokens {
+            return Err(EngineError::InputTooLong {
+                tokens: tokens.len(),
+                limit: self.config.max_prompt_tokens,
+            });
+        }
+        let ranges = windows(tokens.len(), self.window_tokens, self.config.window_overlap);
+        let mut best = 0.0f64;
+        for r in &ranges {
+            let p = self.score_window(&tokens[r.clone()], use_cache)?;
+            best = best.max(p);
+        }
+        Ok(Score {
+            p_malicious: best,
+            tokens: tokens.len(),
+            windows: ranges.len(),
+        })
+    }
+
+    fn score_window(&mut self, window: &[LlamaToken], use_cache: bool) -> Result<f64, EngineError> {
+        let infer = |e: String| EngineError::Inference(e);
+        let start = if use_cache {
+            if !self.prefix_cached {
+                self.cache_prefix()?;
+            }
+            let keep = u32::try_from(self.prefix.len()).map_err(|e| infer(e.to_string()))?;
+            let trimmed = self
+                .ctx
+                .clear_kv_cache_seq(Some(0), Some(keep), None)
+                .map_err(|e| infer(e.to_string()))?;
+            if !trimmed {
+                // The memory refused a partial removal: rebuild the prefix.
+                self.cache_prefix()?;
+            }
+            self.prefix.len()
+        } else {
+            self.ctx.clear_kv_cache();
+            self.prefix_cached = false;
+            0
+        };
+        self.batch.clear();
+        let head: &[LlamaToken] = if use_cache { &[] } else { &self.prefix };
+        let all = head.iter().chain(window).chain(self.suffix.iter());
+        let n = head.len() + window.len() + self.suffix.len();
+        for (i, &t) in all.enumerate() {
+            self.batch
+                .add(t, pos(start + i), &[0], i + 1 == n)
+                .map_err(|e| infer(e.to_string()))?;
+        }
+        self.ctx
+            .decode(&mut self.batch)
+            .map_err(|e| infer(format!("decode: {e}")))?;
+        let logits = self.ctx.get_logits_ith(self.batch.n_tokens() - 1);
+        Ok(label_probability(
+            logits,
+            &self.malicious_ids,
+            &self.benign_ids,
+        ))
+    }
+}
+
+impl Scorer for LlamaScorer {
+    fn model(&self) -> &ModelRef {
+        &self.model_ref
+    }
+
+    fn default_threshold(&self) -> f64 {
+        self.profile.threshold
+    }
+
+    fn score(&mut self, text: &str) -> Result<Score, EngineError> {
+        let use_cache = self.prefix_reuse;
+        self.score_with(text, use_cache).map_err(|e| {
+            if let EngineError::Inference(_) = e {
+                tracing::error!(model = %self.path.display(), error = %e, "inference failed");
+                self.prefix_cached = false;
+            }
+            e
+        })
+    }
+}
+
+fn pos(i: usize) -> i32 {
+    i32::try_from(i).unwrap_or(i32::MAX)
+}
+
+/// P(malicious) from one logits row: the two label groups are compared by the
+/// log-sum-exp of their tokens' logits (a softmax restricted to the labels).
+///
+/// `logits` has `n_vocab` entries; the ids index into it.
+pub fn label_probability(logits: &[f32], malicious: &[LlamaToken], benign: &[LlamaToken]) -> f64 {
+    let lse = |ids: &[LlamaToken]| -> f64 {
+        let vals: Vec<f64> = ids
+            .iter()
+            .filter_map(|t| usize::try_from(t.0).ok().and_then(|i| logits.get(i)))
+            .map(|&v| f64::from(v))
+            .collect();
+        if vals.iter().any(|v| v.is_nan()) {
+            return f64::NAN;
+        }
+        let max = vals.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        if !max.is_finite() {
+            return max;
+        }
+        max + vals.iter().map(|v| (v - max).exp()).sum::<f64>().ln()
+    };
+    let (m, b) = (lse(malicious), lse(benign));
+    if m.is_nan() || b.is_nan() {
+        return 1.0; // fail closed on garbage logits
+    }
+    1.0 / (1.0 + (b - m).exp())
+}
+
+const SLOT_MARK: &str = "\u{1}PROMPTGATE_TEXT\u{1}";
+
+/// Renders the profile's conversation through the chat template and splits it
+/// at the text slot: `(prefix, suffix + answer_prefix)`.
+fn render(model: &LlamaModel, profile: &Profile) -> Result<(String, String), String> {
+    let template = match &profile.template {
+        TemplateSource::Embedded => model
+            .chat_template(None)
+            .map_err(|e| format!("no embedded chat template: {e}"))?,
+        TemplateSource::Builtin(name) => LlamaChatTemplate::new(name).map_err(|e| e.to_string())?,
+    };
+    let user = profile.user.replace(TEXT_SLOT, SLOT_MARK);
+    let messages = [
+        LlamaChatMessage::new("system".into(), profile.system.clone()),
+        LlamaChatMessage::new("user".into(), user),
+    ]
+    .into_iter()
+    .collect::<Result<Vec<_>, _>>()
+    .map_err(|e| e.to_string())?;
+    let rendered = model
+        .apply_chat_template(&template, &messages, true)
+        .map_err(|e| format!("chat template failed: {e}"))?;
+    let mut parts = rendered.split(SLOT_MARK);
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(prefix), Some(suffix), None) => Ok((
+            prefix.to_string(),
+            format!("{suffix}{}", profile.answer_prefix),
+        )),
+        _ => Err("the chat template did not keep the text slot exactly once".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_probability_is_a_softmax_over_groups() {
+        let logits = [0.0f32, 2.0, 0.0, 1.0];
+        let p = label_probability(&logits, &[LlamaToken(1)], &[LlamaToken(3)]);
+        let expected = 1.0 / (1.0 + (-1.0f64).exp());
+        assert!((p - expected).abs() < 1e-12);
+        // Two benign tokens of equal logit double the benign mass.
+        let p2 = label_probability(
+            &[1.0, 1.0, 1.0],
+            &[LlamaToken(0)],
+            &[LlamaToken(1), LlamaToken(2)],
+        );
+        assert!((p2 - 1.0 / 3.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn garbage_logits_fail_closed() {
+        let p = label_probability(&[f32::NAN, 0.0], &[LlamaToken(0)], &[LlamaToken(1)]);
+        assert_eq!(p, 1.0);
+    }
+
+    #[test]
+    fn header_check_rejects_non_gguf() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.gguf");
+        std::fs::write(&p, b"not a gguf file at all, really not").unwrap();
+        assert!(check_gguf_header(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("bad magic"));
+        std::fs::write(&p, b"GGUF").unwrap();
+        assert!(check_gguf_header(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("too short"));
+        let mut ok = b"GGUF".to_vec();
+        ok.extend_from_slice(&3u32.to_le_bytes());
+        ok.extend_from_slice(&[0u8; 16]);
+        std::fs::write(&p, &ok).unwrap();
+        assert_eq!(check_gguf_header(&p).unwrap(), 24);
+    }
+}

@@ -1,0 +1,17 @@
+//! promptgate: an edge guard for AI agents.
+//!
+//! A request's way: socket line → [`protocol`] (decode) → [`server`]
+//! (connection, queue, limits) → [`engine`] (its own thread: template, tokens,
+//! KV cache, forward pass, label logits) → score → back the same way.
+//! [`models`] decides which file serves; [`listener`] gets the socket;
+//! [`app`] wires the subcommands.
+
+#![warn(missing_docs)]
+
+pub mod app;
+pub mod config;
+pub mod engine;
+pub mod listener;
+pub mod models;
+pub mod protocol;
+pub mod server;

@@ -1,0 +1,609 @@
+//! The wire protocol: one JSON object per line over a Unix stream socket.
+//!
+//! This module knows the shapes of requests and responses, the framing of
+//! lines, and the stable `error_type` strings. It knows nothing of tokio
+//! tasks or llama.cpp. The full description lives in `docs/protocol.md`.
+
+use bytes::{Buf, BytesMut};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Default cap on one request line, in bytes (1 MiB), newline excluded.
+pub const DEFAULT_MAX_LINE_BYTES: usize = 1 << 20;
+
+/// A request error, reported on the wire as `{"id", "error": {"type", "message"}}`.
+///
+/// The `type` strings returned by [`ErrorType::as_str`] are stable: clients
+/// may match on them. Messages are for people and may change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorType {
+    /// The line starts with `{` but is not valid JSON.
+    InvalidJson,
+    /// Valid JSON, but not a request: unknown field, wrong type, bad threshold.
+    InvalidRequest,
+    /// The line is not valid UTF-8.
+    InvalidUtf8,
+    /// A classification request without `text`.
+    MissingText,
+    /// `text` is empty or only white space.
+    EmptyText,
+    /// The line exceeds the configured byte limit; the rest of it was discarded.
+    LineTooLong,
+    /// The prompt exceeds the configured token cap (`--max-prompt-tokens`).
+    InputTooLong,
+    /// The inference queue is full; retry later. Never answered as benign.
+    Overloaded,
+    /// `{"cmd": ...}` names no known command.
+    UnknownCommand,
+    /// The daemon is shutting down and takes no new work.
+    ShuttingDown,
+    /// The engine failed on this request (decode error, model fault).
+    Internal,
+}
+
+impl ErrorType {
+    /// The stable snake_case string sent as `error.type`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorType::InvalidJson => "invalid_json",
+            ErrorType::InvalidRequest => "invalid_request",
+            ErrorType::InvalidUtf8 => "invalid_utf8",
+            ErrorType::MissingText => "missing_text",
+            ErrorType::EmptyText => "empty_text",
+            ErrorType::LineTooLong => "line_too_long",
+            ErrorType::InputTooLong => "input_too_long",
+            ErrorType::Overloaded => "overloaded",
+            ErrorType::UnknownCommand => "unknown_command",
+            ErrorType::ShuttingDown => "shutting_down",
+            ErrorType::Internal => "internal",
+        }
+    }
+
+    /// Every error type, for stats tables and documentation tests.
+    pub const ALL: [ErrorType; 11] = [
+        ErrorType::InvalidJson,
+        ErrorType::InvalidRequest,
+        ErrorType::InvalidUtf8,
+        ErrorType::MissingText,
+        ErrorType::EmptyText,
+        ErrorType::LineTooLong,
+        ErrorType::InputTooLong,
+        ErrorType::Overloaded,
+        ErrorType::UnknownCommand,
+        ErrorType::ShuttingDown,
+        ErrorType::Internal,
+    ];
+}
+
+/// A typed error with a human-readable message.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{}: {message}", kind.as_str())]
+pub struct RequestError {
+    /// The stable error type.
+    pub kind: ErrorType,
+    /// What went wrong, for a person.
+    pub message: String,
+}
+
+impl RequestError {
+    /// Builds an error of `kind` with `message`.
+    pub fn new(kind: ErrorType, message: impl Into<String>) -> Self {
+        RequestError {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// Control commands, sent as `{"cmd": "<name>"}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// Liveness and the active model.
+    Health,
+    /// Request and error counts, queue depth, latency percentiles.
+    Stats,
+}
+
+/// A classification request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Classify {
+    /// Echoed verbatim in the response; any JSON value, `null` when absent.
+    pub id: Value,
+    /// The prompt to screen. Never empty.
+    pub text: String,
+    /// Decision threshold on P(malicious) in `[0, 1]`; the model's default when absent.
+    pub threshold: Option<f64>,
+}
+
+/// One decoded request line.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Request {
+    /// Score a prompt.
+    Classify(Classify),
+    /// A control command, with the id to echo.
+    Command(Value, Command),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRequest {
+    #[serde(default)]
+    id: Option<Value>,
+    #[serde(default)]
+    text: Option<Value>,
+    #[serde(default)]
+    threshold: Option<Value>,
+    #[serde(default)]
+    cmd: Option<Value>,
+}
+
+/// Decodes one line (without its newline) into a request.
+///
+/// A line whose first non-blank character is not `{` is the prompt itself,
+/// so `echo "some prompt" | nc -U SOCK` works. A trailing `\r` is dropped.
+///
+/// # Errors
+/// A [`RequestError`] with the id recovered where the JSON allowed it; the
+/// `Value` in the error tuple is that id (`null` when unknown).
+pub fn decode_line(line: &[u8]) -> Result<Request, (Value, RequestError)> {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let line = std::str::from_utf8(line).map_err(|e| {
+        (
+            Value::Null,
+            RequestError::new(
+                ErrorType::InvalidUtf8,
+                format!(
+                    "the line is not valid UTF-8 (first bad byte at offset {})",
+                    e.valid_up_to()
+                ),
+            ),
+        )
+    })?;
+    if !line.trim_start().starts_with('{') {
+        return classify_text(Value::Null, line.to_string(), None);
+    }
+    let value: Value = serde_json::from_str(line).map_err(|e| {
+        (
+            Value::Null,
+            RequestError::new(ErrorType::InvalidJson, format!("invalid JSON: {e}")),
+        )
+    })?;
+    let id = value.get("id").cloned().unwrap_or(Value::Null);
+    let raw: RawRequest = serde_json::from_value(value).map_err(|e| {
+        (
+            id.clone(),
+            RequestError::new(ErrorType::InvalidRequest, e.to_string()),
+        )
+    })?;
+    let id = raw.id.unwrap_or(Value::Null);
+    if let Some(cmd) = raw.cmd {
+        if raw.text.is_some() || raw.threshold.is_some() {
+            return Err((
+                id,
+                RequestError::new(
+                    ErrorType::InvalidRequest,
+                    "a request has either `cmd` or `text`, not both",
+                ),
+            ));
+        }
+        let command = match cmd.as_str() {
+            Some("health") => Command::Health,
+            Some("stats") => Command::Stats,
+            _ => {
+                return Err((
+                    id,
+                    RequestError::new(
+                        ErrorType::UnknownCommand,
+                        format!("unknown command {cmd}; known: \"health\", \"stats\""),
+                    ),
+                ))
+            }
+        };
+        return Ok(Request::Command(id, command));
+    }
+    let text = match raw.text {
+        None | Some(Value::Null) => {
+            return Err((
+                id,
+                RequestError::new(ErrorType::MissingText, "the request has no `text` field"),
+            ))
+        }
+        Some(Value::String(s)) => s,
+        Some(other) => {
+            return Err((
+                id,
+                RequestError::new(
+                    ErrorType::InvalidRequest,
+                    format!("`text` must be a string, got {}", json_kind(&other)),
+                ),
+            ))
+        }
+    };
+    let threshold = match raw.threshold {
+        None | Some(Value::Null) => None,
+        Some(v) => match v.as_f64() {
+            Some(t) if (0.0..=1.0).contains(&t) => Some(t),
+            _ => {
+                return Err((
+                    id,
+                    RequestError::new(
+                        ErrorType::InvalidRequest,
+                        format!("`threshold` must be a number in [0, 1], got {v}"),
+                    ),
+                ))
+            }
+        },
+    };
+    classify_text(id, text, threshold)
+}
+
+fn classify_text(
+    id: Value,
+    text: String,
+    threshold: Option<f64>,
+) -> Result<Request, (Value, RequestError)> {
+    if text.trim().is_empty() {
+        return Err((
+            id,
+            RequestError::new(ErrorType::EmptyText, "`text` is empty"),
+        ));
+    }
+    Ok(Request::Classify(Classify {
+        id,
+        text,
+        threshold,
+    }))
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// The verdict label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Label {
+    /// Score at or above the threshold.
+    Malicious,
+    /// Score below the threshold.
+    Benign,
+}
+
+impl Label {
+    /// `Malicious` when `score >= threshold`.
+    pub fn from_score(score: f64, threshold: f64) -> Label {
+        if score >= threshold {
+            Label::Malicious
+        } else {
+            Label::Benign
+        }
+    }
+}
+
+/// The model that answered, as named in every response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelRef {
+    /// File name of the GGUF (or detector) that was served.
+    pub name: String,
+    /// Hex sha256 of that file.
+    pub sha256: String,
+}
+
+/// Time spent on a request, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LatencyMs {
+    /// Waiting in the inference queue.
+    pub queue: f64,
+    /// Tokenizing and running the model.
+    pub infer: f64,
+    /// From the line being read to the response being ready.
+    pub total: f64,
+}
+
+/// A classification answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Verdict {
+    /// The request's id, `null` when it had none.
+    pub id: Value,
+    /// `malicious` when `score >= threshold`.
+    pub label: Label,
+    /// P(malicious) in `[0, 1]`, from the label tokens' logits.
+    pub score: f64,
+    /// The threshold applied.
+    pub threshold: f64,
+    /// The model that answered.
+    pub model: ModelRef,
+    /// Prompt tokens (the user text only, without the instruction template).
+    pub tokens: usize,
+    /// Number of windows the prompt was scored in (1 unless longer than the window).
+    pub windows: usize,
+    /// Timings.
+    pub latency_ms: LatencyMs,
+}
+
+/// The error line's body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Stable snake_case type.
+    #[serde(rename = "type")]
+    pub kind: ErrorType,
+    /// For a person.
+    pub message: String,
+}
+
+/// An error answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorResponse {
+    /// The request's id where it could be read, else `null`.
+    pub id: Value,
+    /// What went wrong.
+    pub error: ErrorBody,
+}
+
+impl ErrorResponse {
+    /// Wraps `err` for request `id`.
+    pub fn new(id: Value, err: RequestError) -> Self {
+        ErrorResponse {
+            id,
+            error: ErrorBody {
+                kind: err.kind,
+                message: err.message,
+            },
+        }
+    }
+}
+
+/// Serializes any response as one line, newline included.
+pub fn encode_line<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut out = serde_json::to_vec(value).unwrap_or_else(|e| {
+        // Serializing our own plain structs cannot fail; keep the wire alive if it ever does.
+        format!(
+            "{{\"id\":null,\"error\":{{\"type\":\"internal\",\"message\":\"encode: {}\"}}}}",
+            e.to_string().replace('"', "'")
+        )
+        .into_bytes()
+    });
+    out.push(b'\n');
+    out
+}
+
+/// One frame of input: a complete line, or the notice that a line ran past the limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// A line without its `\n`.
+    Line(BytesMut),
+    /// A line exceeded `max` bytes; its remainder up to the next `\n` is discarded.
+    TooLong {
+        /// The limit in bytes.
+        max: usize,
+    },
+}
+
+/// Newline framing with a byte limit that keeps the connection usable after an oversize line.
+///
+/// Unlike `LinesCodec`, invalid UTF-8 is not a framing error: lines are bytes
+/// here and [`decode_line`] answers `invalid_utf8` for the one bad line.
+#[derive(Debug)]
+pub struct LineCodec {
+    max: usize,
+    discarding: bool,
+    scanned: usize,
+}
+
+impl LineCodec {
+    /// A codec accepting lines of at most `max` bytes (newline excluded).
+    pub fn new(max: usize) -> Self {
+        LineCodec {
+            max,
+            discarding: false,
+            scanned: 0,
+        }
+    }
+}
+
+impl tokio_util::codec::Decoder for LineCodec {
+    type Item = Frame;
+    type Error = std::io::Error;
+
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, std::io::Error> {
+        loop {
+            let newline = buf[self.scanned..]
+                .iter()
+                .position(|&b| b == b'\n')
+                .map(|i| i + self.scanned);
+            if self.discarding {
+                match newline {
+                    Some(i) => {
+                        buf.advance(i + 1);
+                        self.discarding = false;
+                        self.scanned = 0;
+                        continue;
+                    }
+                    None => {
+                        buf.clear();
+                        self.scanned = 0;
+                        return Ok(None);
+                    }
+                }
+            }
+            return match newline {
+                Some(i) if i <= self.max => {
+                    let mut line = buf.split_to(i + 1);
+                    line.truncate(i);
+                    self.scanned = 0;
+                    Ok(Some(Frame::Line(line)))
+                }
+                Some(i) => {
+                    buf.advance(i + 1);
+                    self.scanned = 0;
+                    Ok(Some(Frame::TooLong { max: self.max }))
+                }
+                None if buf.len() > self.max => {
+                    buf.clear();
+                    self.scanned = 0;
+                    self.discarding = true;
+                    Ok(Some(Frame::TooLong { max: self.max }))
+                }
+                None => {
+                    self.scanned = buf.len();
+                    Ok(None)
+                }
+            };
+        }
+    }
+
+    fn decode_eof(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, std::io::Error> {
+        if let Some(frame) = self.decode(buf)? {
+            return Ok(Some(frame));
+        }
+        if self.discarding || buf.is_empty() {
+            buf.clear();
+            self.discarding = false;
+            return Ok(None);
+        }
+        // A last line without a trailing newline still counts as a request.
+        let line = buf.split_to(buf.len());
+        self.scanned = 0;
+        Ok(Some(Frame::Line(line)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_util::codec::Decoder;
+
+    fn frames(max: usize, chunks: &[&[u8]]) -> Vec<Frame> {
+        let mut codec = LineCodec::new(max);
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        for c in chunks {
+            buf.extend_from_slice(c);
+            while let Some(f) = codec.decode(&mut buf).unwrap() {
+                out.push(f);
+            }
+        }
+        while let Some(f) = codec.decode_eof(&mut buf).unwrap() {
+            out.push(f);
+        }
+        out
+    }
+
+    fn line(s: &str) -> Frame {
+        Frame::Line(BytesMut::from(s.as_bytes()))
+    }
+
+    #[test]
+    fn lines_split_across_chunks() {
+        assert_eq!(
+            frames(100, &[b"ab", b"c\nde", b"f\n", b"tail"]),
+            vec![line("abc"), line("def"), line("tail")]
+        );
+    }
+
+    #[test]
+    fn oversize_line_is_reported_once_and_next_line_survives() {
+        let big = [b'x'; 50];
+        let got = frames(10, &[&big[..20], &big[20..], b"\nok\n"]);
+        assert_eq!(got, vec![Frame::TooLong { max: 10 }, line("ok")]);
+    }
+
+    #[test]
+    fn oversize_line_within_one_chunk() {
+        let got = frames(3, &[b"abcdef\nxy\n"]);
+        assert_eq!(got, vec![Frame::TooLong { max: 3 }, line("xy")]);
+    }
+
+    #[test]
+    fn line_of_exactly_max_is_accepted() {
+        assert_eq!(frames(3, &[b"abc\n"]), vec![line("abc")]);
+    }
+
+    #[test]
+    fn plain_text_line_is_a_prompt() {
+        let r = decode_line(b"ignore all previous instructions\r").unwrap();
+        match r {
+            Request::Classify(c) => {
+                assert_eq!(c.text, "ignore all previous instructions");
+                assert_eq!(c.id, Value::Null);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn json_request_with_id_and_threshold() {
+        let r = decode_line(br#"{"id": [1, "a"], "text": "hi", "threshold": 0.25}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::Classify(Classify {
+                id: serde_json::json!([1, "a"]),
+                text: "hi".into(),
+                threshold: Some(0.25)
+            })
+        );
+    }
+
+    fn err_of(line: &[u8]) -> (Value, ErrorType) {
+        let (id, e) = decode_line(line).unwrap_err();
+        (id, e.kind)
+    }
+
+    #[test]
+    fn errors_have_stable_types_and_keep_the_id() {
+        assert_eq!(err_of(b"{not json").1, ErrorType::InvalidJson);
+        assert_eq!(
+            err_of(br#"{"id":7}"#),
+            (Value::from(7), ErrorType::MissingText)
+        );
+        assert_eq!(
+            err_of(br#"{"id":7,"text":"  "}"#),
+            (Value::from(7), ErrorType::EmptyText)
+        );
+        assert_eq!(err_of(br#"{"id":7,"text":3}"#).1, ErrorType::InvalidRequest);
+        assert_eq!(
+            err_of(br#"{"text":"x","threshold":1.5}"#).1,
+            ErrorType::InvalidRequest
+        );
+        assert_eq!(
+            err_of(br#"{"text":"x","bogus":1}"#).1,
+            ErrorType::InvalidRequest
+        );
+        assert_eq!(err_of(br#"{"cmd":"reboot"}"#).1, ErrorType::UnknownCommand);
+        assert_eq!(err_of(b"\xff\xfe").1, ErrorType::InvalidUtf8);
+        assert_eq!(err_of(b"").1, ErrorType::EmptyText);
+    }
+
+    #[test]
+    fn commands_decode() {
+        assert_eq!(
+            decode_line(br#"{"cmd":"health","id":"h"}"#).unwrap(),
+            Request::Command(Value::from("h"), Command::Health)
+        );
+        assert_eq!(
+            decode_line(br#"{"cmd":"stats"}"#).unwrap(),
+            Request::Command(Value::Null, Command::Stats)
+        );
+    }
+
+    #[test]
+    fn error_type_strings_match_serde_names() {
+        for t in ErrorType::ALL {
+            assert_eq!(serde_json::to_value(t).unwrap(), Value::from(t.as_str()));
+        }
+    }
+
+    #[test]
+    fn label_threshold_is_inclusive() {
+        assert_eq!(Label::from_score(0.5, 0.5), Label::Malicious);
+        assert_eq!(Label::from_score(0.49, 0.5), Label::Benign);
+    }
+}

@@ -1,0 +1,363 @@
+//! The daemon's server: accept loop, one task per connection, bounded
+//! pipelining, ordered answers, stats, and a draining shutdown.
+//!
+//! [`run`] takes an already bound [`UnixListener`] (the mini-redis shape), so
+//! tests, a path the daemon binds itself, and a socket passed in by systemd all
+//! share one code path. It knows nothing of llama.cpp: it talks to an
+//! [`Engine`] handle.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::{json, Value};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::engine::{ms, Engine, JobResult};
+use crate::protocol::{
+    decode_line, encode_line, Command, ErrorResponse, ErrorType, Frame, Label, LatencyMs,
+    LineCodec, Request, RequestError, Verdict,
+};
+
+/// Limits and timing of the server.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Longest accepted request line in bytes; longer lines get `line_too_long`.
+    pub max_line_bytes: usize,
+    /// Requests one connection may have in flight (read, not yet answered);
+    /// past it the connection is not read until an answer is written.
+    pub max_in_flight_per_connection: usize,
+    /// After a shutdown signal, how long to wait for in-flight requests.
+    pub shutdown_grace: Duration,
+    /// After a shutdown signal, a connection's lines already sent are still read
+    /// until it is quiet for this long.
+    pub drain_quiet: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_line_bytes: crate::protocol::DEFAULT_MAX_LINE_BYTES,
+            max_in_flight_per_connection: 16,
+            shutdown_grace: Duration::from_secs(30),
+            drain_quiet: Duration::from_millis(100),
+        }
+    }
+}
+
+/// Counters and latency percentiles reported by `{"cmd": "stats"}`.
+pub struct Stats {
+    started: Instant,
+    benign: AtomicU64,
+    malicious: AtomicU64,
+    connections_total: AtomicU64,
+    connections_open: AtomicU64,
+    errors: Mutex<BTreeMap<&'static str, u64>>,
+    /// Total latency of answered classifications, in microseconds.
+    latency_us: Mutex<hdrhistogram::Histogram<u64>>,
+}
+
+impl Stats {
+    fn new() -> Stats {
+        Stats {
+            started: Instant::now(),
+            benign: AtomicU64::new(0),
+            malicious: AtomicU64::new(0),
+            connections_total: AtomicU64::new(0),
+            connections_open: AtomicU64::new(0),
+            errors: Mutex::new(BTreeMap::new()),
+            latency_us: Mutex::new(
+                hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3)
+                    .expect("static histogram bounds are valid"),
+            ),
+        }
+    }
+
+    fn record_error(&self, kind: ErrorType) {
+        *self
+            .errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(kind.as_str())
+            .or_insert(0) += 1;
+    }
+
+    fn record_verdict(&self, label: Label, total: Duration) {
+        match label {
+            Label::Benign => &self.benign,
+            Label::Malicious => &self.malicious,
+        }
+        .fetch_add(1, Ordering::Relaxed);
+        let us = u64::try_from(total.as_micros()).unwrap_or(u64::MAX).max(1);
+        self.latency_us
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .saturating_record(us);
+    }
+
+    fn to_json(&self, engine: &Engine) -> Value {
+        let errors = self
+            .errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let error_total: u64 = errors.values().sum();
+        let (p50, p95, p99) = {
+            let h = self.latency_us.lock().unwrap_or_else(|e| e.into_inner());
+            let q = |x: f64| h.value_at_quantile(x) as f64 / 1000.0;
+            (q(0.50), q(0.95), q(0.99))
+        };
+        let benign = self.benign.load(Ordering::Relaxed);
+        let malicious = self.malicious.load(Ordering::Relaxed);
+        json!({
+            "uptime_s": self.started.elapsed().as_secs_f64(),
+            "requests": benign + malicious + error_total,
+            "classified": {"benign": benign, "malicious": malicious},
+            "errors": errors,
+            "errors_total": error_total,
+            "queue_depth": engine.queue_depth(),
+            "queue_capacity": engine.queue_capacity(),
+            "connections": {
+                "open": self.connections_open.load(Ordering::Relaxed),
+                "total": self.connections_total.load(Ordering::Relaxed),
+            },
+            "latency_ms": {"p50": p50, "p95": p95, "p99": p99},
+        })
+    }
+}
+
+struct Shared {
+    engine: Engine,
+    config: ServerConfig,
+    stats: Stats,
+    draining: CancellationToken,
+}
+
+/// An answer that will be written in its turn.
+enum Pending {
+    Ready(Vec<u8>),
+    Scoring {
+        id: Value,
+        threshold: Option<f64>,
+        received: Instant,
+        rx: oneshot::Receiver<JobResult>,
+    },
+}
+
+/// Serves `listener` until `shutdown` completes, then stops accepting,
+/// answers every request already read, and returns.
+///
+/// Returns `Ok(true)` when every in-flight request was answered within
+/// [`ServerConfig::shutdown_grace`], `Ok(false)` when the grace ran out.
+///
+/// # Errors
+/// None at present; the `Result` leaves room for listener faults that must stop the daemon.
+pub async fn run(
+    listener: UnixListener,
+    engine: Engine,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<bool> {
+    let grace = config.shutdown_grace;
+    let shared = Arc::new(Shared {
+        engine,
+        config,
+        stats: Stats::new(),
+        draining: CancellationToken::new(),
+    });
+    let tracker = TaskTracker::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let shared = shared.clone();
+                    tracker.spawn(async move {
+                        shared.stats.connections_total.fetch_add(1, Ordering::Relaxed);
+                        shared.stats.connections_open.fetch_add(1, Ordering::Relaxed);
+                        if let Err(e) = handle_connection(stream, &shared).await {
+                            tracing::debug!(error = %e, "connection ended with an error");
+                        }
+                        shared.stats.connections_open.fetch_sub(1, Ordering::Relaxed);
+                    });
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+    drop(listener);
+    tracing::info!(
+        connections = shared.stats.connections_open.load(Ordering::Relaxed),
+        "shutting down: no new connections, answering requests in flight"
+    );
+    shared.draining.cancel();
+    tracker.close();
+    let finished = tokio::time::timeout(grace, tracker.wait()).await.is_ok();
+    if !finished {
+        tracing::error!(
+            grace_s = grace.as_secs_f64(),
+            "shutdown grace ran out with requests in flight"
+        );
+    }
+    Ok(finished)
+}
+
+async fn handle_connection(stream: UnixStream, shared: &Arc<Shared>) -> std::io::Result<()> {
+    let (reader, mut writer) = stream.into_split();
+    let mut frames = FramedRead::new(reader, LineCodec::new(shared.config.max_line_bytes));
+    let (tx, mut rx) = mpsc::channel::<Pending>(shared.config.max_in_flight_per_connection.max(1));
+
+    let writer_shared = shared.clone();
+    let writer_task = async move {
+        while let Some(pending) = rx.recv().await {
+            let bytes = resolve(pending, &writer_shared).await;
+            writer.write_all(&bytes).await?;
+        }
+        writer.shutdown().await
+    };
+
+    let reader_task = async move {
+        loop {
+            let frame = if shared.draining.is_cancelled() {
+                // Shutting down: take what the client already sent, stop when it is quiet.
+                match tokio::time::timeout(shared.config.drain_quiet, frames.next()).await {
+                    Ok(f) => f,
+                    Err(_) => break,
+                }
+            } else {
+                tokio::select! {
+                    f = frames.next() => f,
+                    () = shared.draining.cancelled() => continue,
+                }
+            };
+            let pending = match frame {
+                None => break,
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "read failed");
+                    break;
+                }
+                Some(Ok(frame)) => handle_frame(frame, shared),
+            };
+            if tx.send(pending).await.is_err() {
+                break; // writer gone: the client closed its side
+            }
+        }
+    };
+    let (_, written) = tokio::join!(reader_task, writer_task);
+    written
+}
+
+fn handle_frame(frame: Frame, shared: &Shared) -> Pending {
+    let received = Instant::now();
+    let line =
+        match frame {
+            Frame::TooLong { max } => return error_pending(
+                shared,
+                Value::Null,
+                RequestError::new(
+                    ErrorType::LineTooLong,
+                    format!(
+                        "the line is longer than {max} bytes (--max-line-bytes); it was discarded"
+                    ),
+                ),
+            ),
+            Frame::Line(line) => line,
+        };
+    match decode_line(&line) {
+        Err((id, err)) => error_pending(shared, id, err),
+        Ok(Request::Command(id, cmd)) => {
+            let mut body = match cmd {
+                Command::Health => health(shared),
+                Command::Stats => shared.stats.to_json(&shared.engine),
+            };
+            body["id"] = id;
+            Pending::Ready(encode_line(&body))
+        }
+        Ok(Request::Classify(req)) => match shared.engine.try_submit(req.text) {
+            Ok(rx) => Pending::Scoring {
+                id: req.id,
+                threshold: req.threshold,
+                received,
+                rx,
+            },
+            Err(err) => error_pending(shared, req.id, err),
+        },
+    }
+}
+
+fn health(shared: &Shared) -> Value {
+    let status = if shared.draining.is_cancelled() {
+        "draining"
+    } else {
+        "ok"
+    };
+    json!({
+        "status": status,
+        "model": shared.engine.info().model,
+        "default_threshold": shared.engine.info().default_threshold,
+        "queue_depth": shared.engine.queue_depth(),
+        "uptime_s": shared.stats.started.elapsed().as_secs_f64(),
+    })
+}
+
+fn error_pending(shared: &Shared, id: Value, err: RequestError) -> Pending {
+    shared.stats.record_error(err.kind);
+    Pending::Ready(encode_line(&ErrorResponse::new(id, err)))
+}
+
+async fn resolve(pending: Pending, shared: &Shared) -> Vec<u8> {
+    let (id, threshold, received, rx) = match pending {
+        Pending::Ready(bytes) => return bytes,
+        Pending::Scoring {
+            id,
+            threshold,
+            received,
+            rx,
+        } => (id, threshold, received, rx),
+    };
+    let result = rx.await.unwrap_or_else(|_| {
+        Err(RequestError::new(
+            ErrorType::Internal,
+            "the inference worker dropped the request",
+        ))
+    });
+    match result {
+        Err(err) => {
+            shared.stats.record_error(err.kind);
+            encode_line(&ErrorResponse::new(id, err))
+        }
+        Ok(scored) => {
+            let threshold = threshold.unwrap_or(scored.default_threshold);
+            let label = Label::from_score(scored.score.p_malicious, threshold);
+            let total = received.elapsed();
+            shared.stats.record_verdict(label, total);
+            encode_line(&Verdict {
+                id,
+                label,
+                score: scored.score.p_malicious,
+                threshold,
+                model: scored.model,
+                tokens: scored.score.tokens,
+                windows: scored.score.windows,
+                latency_ms: LatencyMs {
+                    queue: scored.queue_ms,
+                    infer: scored.infer_ms,
+                    total: ms(total),
+                },
+            })
+        }
+    }
+}
