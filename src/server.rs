@@ -308,6 +308,7 @@ fn health(shared: &Shared) -> Value {
         "status": status,
         "model": shared.engine.info().model,
         "default_threshold": shared.engine.info().default_threshold,
+        "window_tokens": shared.engine.info().window_tokens,
         "queue_depth": shared.engine.queue_depth(),
         "uptime_s": shared.stats.started.elapsed().as_secs_f64(),
     })

@@ -272,11 +272,6 @@ impl LlamaScorer {
         &self.profile
     }
 
-    /// Tokens of text a single window holds (`n_ctx` minus the template).
-    pub fn window_tokens(&self) -> usize {
-        self.window_tokens
-    }
-
     /// The loaded model.
     pub fn model_handle(&self) -> &LlamaModel {
         &self.model
@@ -383,6 +378,11 @@ impl Scorer for LlamaScorer {
 
     fn default_threshold(&self) -> f64 {
         self.profile.threshold
+    }
+
+    /// `n_ctx` minus the template's tokens.
+    fn window_tokens(&self) -> Option<usize> {
+        Some(self.window_tokens)
     }
 
     fn score(&mut self, text: &str) -> Result<Score, EngineError> {

@@ -83,6 +83,10 @@ pub trait Scorer {
     fn model(&self) -> &ModelRef;
     /// Threshold applied when a request names none, in `[0, 1]`.
     fn default_threshold(&self) -> f64;
+    /// Tokens of prompt text one window holds, when the scorer windows long prompts.
+    fn window_tokens(&self) -> Option<usize> {
+        None
+    }
     /// Scores one prompt.
     ///
     /// # Errors
@@ -121,6 +125,8 @@ pub struct EngineInfo {
     pub model: ModelRef,
     /// Its default threshold.
     pub default_threshold: f64,
+    /// Tokens of prompt text one window holds (`None`: no windowing).
+    pub window_tokens: Option<usize>,
 }
 
 /// A cloneable handle to the inference worker.
@@ -161,6 +167,7 @@ impl Engine {
                 let info = EngineInfo {
                     model: scorer.model().clone(),
                     default_threshold: scorer.default_threshold(),
+                    window_tokens: scorer.window_tokens(),
                 };
                 let _ = ready_tx.send(Ok(info));
                 drop(ready_tx);
