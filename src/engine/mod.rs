@@ -232,8 +232,12 @@ fn worker_loop(scorer: &mut dyn Scorer, mut rx: mpsc::Receiver<Job>) {
         }
         let started = Instant::now();
         let queue_ms = ms(started - job.enqueued);
-        let result = scorer
-            .score(&job.text)
+        // A panic inside the model code answers `internal` for this job and
+        // leaves the worker serving, rather than killing the queue.
+        let outcome =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| scorer.score(&job.text)))
+                .unwrap_or_else(|_| Err(EngineError::Inference("the scorer panicked".into())));
+        let result = outcome
             .map(|score| Scored {
                 score,
                 model: scorer.model().clone(),
