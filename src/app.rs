@@ -2,18 +2,22 @@
 //! subcommand and turns its [`ExitCode`] into the process status.
 
 use std::io::{BufRead, Write};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde_json::Value;
 
-use crate::config::{ClassifyArgs, ModelArgs, ServeArgs};
+use crate::config::{ClassifyArgs, ModelArgs, ServeArgs, WatchArg};
 use crate::engine::llama::{LlamaConfig, LlamaScorer};
-use crate::engine::{ms, Engine, Scorer};
+use crate::engine::{ms, Scorer};
 use crate::protocol::{
     encode_line, ErrorResponse, ErrorType, Label, LatencyMs, RequestError, Verdict,
 };
+use crate::registry::{Loader, Registry, RegistryConfig, WatchMode};
 use crate::server::ServerConfig;
+use tokio_util::sync::CancellationToken;
 
 /// Process exit status, grep-style for `classify`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -37,9 +41,20 @@ impl ModelArgs {
         }
     }
 
+    /// Loads the model the registry's rule picks, trying the next candidate
+    /// when one fails (the same rule as `serve`).
     fn load(&self) -> anyhow::Result<LlamaScorer> {
-        let path = crate::models::resolve(&self.models_dir, self.model.as_deref())?;
-        Ok(LlamaScorer::load(&path, self.llama_config())?)
+        let mut refused = Vec::new();
+        for path in crate::registry::candidates_by_rule(&self.models_dir, self.model.as_deref())? {
+            match LlamaScorer::load(&path, self.llama_config()) {
+                Ok(s) => return Ok(s),
+                Err(e) => {
+                    tracing::warn!(error = %e, "model refused");
+                    refused.push(e.to_string());
+                }
+            }
+        }
+        anyhow::bail!("no model could be loaded: {}", refused.join("; "))
     }
 }
 
@@ -145,13 +160,23 @@ fn classify_one(
 /// # Errors
 /// Model, socket or runtime failures at start-up.
 pub fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
-    let path = crate::models::resolve(&args.model.models_dir, args.model.model.as_deref())?;
     let config = args.model.llama_config();
-    let load_path = path.clone();
-    let engine = Engine::spawn(args.queue_capacity, move || {
-        Ok(Box::new(LlamaScorer::load(&load_path, config)?) as Box<dyn Scorer>)
-    })?;
-    tracing::info!(model = %engine.info().model.name, sha256 = %engine.info().model.sha256, "model ready");
+    let loader: Loader = Arc::new(move |path: &Path| {
+        Ok(Box::new(LlamaScorer::load(path, config.clone())?) as Box<dyn Scorer>)
+    });
+    let watch = match args.watch {
+        WatchArg::Notify => WatchMode::Notify,
+        WatchArg::Poll => WatchMode::Poll(Duration::from_secs_f64(args.poll_interval.max(0.05))),
+        WatchArg::Off => WatchMode::Off,
+    };
+    let registry_config = RegistryConfig {
+        dir: args.model.models_dir.clone(),
+        pinned: args.model.model.clone(),
+        watch,
+        debounce: Duration::from_millis(args.debounce_ms),
+    };
+    // Load before binding: clients never meet a socket without a model behind it.
+    let (registry, engine) = Registry::start(registry_config, loader, args.queue_capacity)?;
     let bound = match crate::listener::from_systemd()? {
         Some(b) => {
             tracing::info!("listening on the socket passed by systemd");
@@ -178,15 +203,43 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         let std_listener = bound.listener.try_clone().context("cloning the listener")?;
         let listener =
             tokio::net::UnixListener::from_std(std_listener).context("registering the listener")?;
-        crate::server::run(listener, engine, server_config, shutdown_signal()).await
+        let stop_watch = CancellationToken::new();
+        tokio::spawn(registry.clone().watch(stop_watch.clone()));
+        tokio::spawn(reload_on_sighup(registry.clone()));
+        crate::systemd::ready(&format!("serving {}", engine.info().model.name));
+        let finished = crate::server::run_with_registry(
+            listener,
+            engine,
+            Some(registry),
+            server_config,
+            shutdown_signal(),
+        )
+        .await;
+        stop_watch.cancel();
+        finished
     })?;
     drop(bound);
+    runtime.shutdown_timeout(Duration::from_secs(1));
     tracing::info!("stopped");
     Ok(if finished {
         ExitCode::Ok
     } else {
         ExitCode::Error
     })
+}
+
+/// Re-scans the models directory on every SIGHUP (`systemctl reload`).
+async fn reload_on_sighup(registry: Arc<Registry>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot install the SIGHUP handler; use {{\"cmd\": \"reload\"}}");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP received: re-scanning the models directory");
+        let outcome = registry.rescan().await;
+        tracing::info!(?outcome, "re-scan done");
+    }
 }
 
 /// Resolves on the first SIGTERM or SIGINT.

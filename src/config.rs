@@ -52,8 +52,8 @@ pub struct ModelArgs {
     /// Directory holding GGUF models.
     #[arg(long, env = "PROMPTGATE_MODELS_DIR", default_value = "models")]
     pub models_dir: PathBuf,
-    /// Model to serve: a file name in --models-dir, or a path. Required when
-    /// the directory holds more than one GGUF.
+    /// Pin the model: a file name in --models-dir, or a path. Without it the
+    /// newest valid GGUF in the directory serves (see docs/models.md).
     #[arg(long, env = "PROMPTGATE_MODEL")]
     pub model: Option<String>,
     /// CPU threads for inference (default: all cores).
@@ -111,6 +111,26 @@ pub struct ServeArgs {
     /// Seconds to finish in-flight requests after SIGTERM or SIGINT.
     #[arg(long, env = "PROMPTGATE_SHUTDOWN_GRACE", default_value_t = 30.0)]
     pub shutdown_grace: f64,
+    /// How to notice new model files: inotify, polling, or only SIGHUP and `{"cmd":"reload"}`.
+    #[arg(long, env = "PROMPTGATE_WATCH", value_enum, default_value_t = WatchArg::Notify)]
+    pub watch: WatchArg,
+    /// Seconds between directory listings with `--watch poll`.
+    #[arg(long, env = "PROMPTGATE_POLL_INTERVAL", default_value_t = 2.0)]
+    pub poll_interval: f64,
+    /// Quiet milliseconds after the last file event before the directory is re-scanned.
+    #[arg(long, env = "PROMPTGATE_DEBOUNCE_MS", default_value_t = 500)]
+    pub debounce_ms: u64,
+}
+
+/// How `serve` watches its models directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum WatchArg {
+    /// inotify (close-after-write, rename, delete), debounced.
+    Notify,
+    /// List the directory every --poll-interval; a file must be unchanged across two polls.
+    Poll,
+    /// No watching: SIGHUP and `{"cmd":"reload"}` only.
+    Off,
 }
 
 fn parse_octal(s: &str) -> Result<u32, String> {

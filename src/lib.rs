@@ -3,7 +3,7 @@
 //! A request's way: socket line → [`protocol`] (decode) → [`server`]
 //! (connection, queue, limits) → [`engine`] (its own thread: template, tokens,
 //! KV cache, forward pass, label logits) → score → back the same way.
-//! [`models`] decides which file serves; [`listener`] gets the socket;
+//! [`registry`] decides which file serves and swaps models; [`listener`] gets the socket;
 //! [`app`] wires the subcommands.
 
 #![warn(missing_docs)]
@@ -12,6 +12,7 @@ pub mod app;
 pub mod config;
 pub mod engine;
 pub mod listener;
-pub mod models;
 pub mod protocol;
+pub mod registry;
 pub mod server;
+pub mod systemd;

@@ -103,6 +103,10 @@ pub enum Command {
     Health,
     /// Request and error counts, queue depth, latency percentiles.
     Stats,
+    /// Re-scan the models directory now (like SIGHUP) and report the outcome.
+    Reload,
+    /// List the models directory: the active model and why each other file is not.
+    Models,
 }
 
 /// A classification request.
@@ -190,12 +194,14 @@ pub fn decode_line(line: &[u8]) -> Result<Request, (Value, RequestError)> {
         let command = match cmd.as_str() {
             Some("health") => Command::Health,
             Some("stats") => Command::Stats,
+            Some("reload") => Command::Reload,
+            Some("models") => Command::Models,
             _ => {
                 return Err((
                     id,
                     RequestError::new(
                         ErrorType::UnknownCommand,
-                        format!("unknown command {cmd}; known: \"health\", \"stats\""),
+                        format!("unknown command {cmd}; known: \"health\", \"stats\", \"reload\", \"models\""),
                     ),
                 ))
             }

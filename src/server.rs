@@ -26,6 +26,7 @@ use crate::protocol::{
     decode_line, encode_line, Command, ErrorResponse, ErrorType, Frame, Label, LatencyMs,
     LineCodec, Request, RequestError, Verdict,
 };
+use crate::registry::{Outcome, Registry};
 
 /// Limits and timing of the server.
 #[derive(Debug, Clone)]
@@ -136,6 +137,7 @@ impl Stats {
 
 struct Shared {
     engine: Engine,
+    registry: Option<Arc<Registry>>,
     config: ServerConfig,
     stats: Stats,
     draining: CancellationToken,
@@ -144,6 +146,7 @@ struct Shared {
 /// An answer that will be written in its turn.
 enum Pending {
     Ready(Vec<u8>),
+    Later(futures::future::BoxFuture<'static, Vec<u8>>),
     Scoring {
         id: Value,
         threshold: Option<f64>,
@@ -166,9 +169,25 @@ pub async fn run(
     config: ServerConfig,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<bool> {
+    run_with_registry(listener, engine, None, config, shutdown).await
+}
+
+/// [`run`], with a models [`Registry`] behind `{"cmd": "reload"}` and
+/// `{"cmd": "models"}`, and its reload status in `health` and `stats`.
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_with_registry(
+    listener: UnixListener,
+    engine: Engine,
+    registry: Option<Arc<Registry>>,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<bool> {
     let grace = config.shutdown_grace;
     let shared = Arc::new(Shared {
         engine,
+        registry,
         config,
         stats: Stats::new(),
         draining: CancellationToken::new(),
@@ -204,6 +223,7 @@ pub async fn run(
         "shutting down: no new connections, answering requests in flight"
     );
     shared.draining.cancel();
+    crate::systemd::stopping();
     tracker.close();
     let finished = tokio::time::timeout(grace, tracker.wait()).await.is_ok();
     if !finished {
@@ -260,11 +280,11 @@ async fn handle_connection(stream: UnixStream, shared: &Arc<Shared>) -> std::io:
     written
 }
 
-fn handle_frame(frame: Frame, shared: &Shared) -> Pending {
+fn handle_frame(frame: Frame, shared: &Arc<Shared>) -> Pending {
     let received = Instant::now();
-    let line =
-        match frame {
-            Frame::TooLong { max } => return error_pending(
+    let line = match frame {
+        Frame::TooLong { max } => {
+            return error_pending(
                 shared,
                 Value::Null,
                 RequestError::new(
@@ -273,15 +293,56 @@ fn handle_frame(frame: Frame, shared: &Shared) -> Pending {
                         "the line is longer than {max} bytes (--max-line-bytes); it was discarded"
                     ),
                 ),
-            ),
-            Frame::Line(line) => line,
-        };
+            )
+        }
+        Frame::Line(line) => line,
+    };
     match decode_line(&line) {
         Err((id, err)) => error_pending(shared, id, err),
         Ok(Request::Command(id, cmd)) => {
             let mut body = match cmd {
                 Command::Health => health(shared),
-                Command::Stats => shared.stats.to_json(&shared.engine),
+                Command::Stats => {
+                    let mut stats = shared.stats.to_json(&shared.engine);
+                    merge_registry_status(shared, &mut stats);
+                    stats
+                }
+                Command::Models | Command::Reload if shared.registry.is_none() => {
+                    return error_pending(
+                        shared,
+                        id,
+                        RequestError::new(
+                            ErrorType::UnknownCommand,
+                            "this daemon has no models directory",
+                        ),
+                    )
+                }
+                Command::Models => shared
+                    .registry
+                    .as_ref()
+                    .map(|r| r.models_json())
+                    .unwrap_or_default(),
+                Command::Reload => {
+                    let shared = shared.clone();
+                    return Pending::Later(Box::pin(async move {
+                        let Some(registry) = shared.registry.clone() else {
+                            return Vec::new();
+                        };
+                        let (outcome, reason) = match registry.rescan().await {
+                            Outcome::Unchanged => ("unchanged", None),
+                            Outcome::Swapped { .. } => ("swapped", None),
+                            Outcome::Failed(r) => ("failed", Some(r)),
+                        };
+                        let mut body = json!({
+                            "id": id,
+                            "outcome": outcome,
+                            "reason": reason,
+                            "model": shared.engine.info().model,
+                        });
+                        merge_registry_status(&shared, &mut body);
+                        encode_line(&body)
+                    }));
+                }
             };
             body["id"] = id;
             Pending::Ready(encode_line(&body))
@@ -298,20 +359,30 @@ fn handle_frame(frame: Frame, shared: &Shared) -> Pending {
     }
 }
 
+fn merge_registry_status(shared: &Shared, body: &mut Value) {
+    if let (Some(registry), Some(obj)) = (&shared.registry, body.as_object_mut()) {
+        if let Value::Object(extra) = registry.status_json() {
+            obj.extend(extra);
+        }
+    }
+}
+
 fn health(shared: &Shared) -> Value {
     let status = if shared.draining.is_cancelled() {
         "draining"
     } else {
         "ok"
     };
-    json!({
+    let mut body = json!({
         "status": status,
         "model": shared.engine.info().model,
         "default_threshold": shared.engine.info().default_threshold,
         "window_tokens": shared.engine.info().window_tokens,
         "queue_depth": shared.engine.queue_depth(),
         "uptime_s": shared.stats.started.elapsed().as_secs_f64(),
-    })
+    });
+    merge_registry_status(shared, &mut body);
+    body
 }
 
 fn error_pending(shared: &Shared, id: Value, err: RequestError) -> Pending {
@@ -322,6 +393,7 @@ fn error_pending(shared: &Shared, id: Value, err: RequestError) -> Pending {
 async fn resolve(pending: Pending, shared: &Shared) -> Vec<u8> {
     let (id, threshold, received, rx) = match pending {
         Pending::Ready(bytes) => return bytes,
+        Pending::Later(fut) => return fut.await,
         Pending::Scoring {
             id,
             threshold,
