@@ -354,7 +354,8 @@ impl Registry {
                 Err(reason)
             }
         };
-        if let Some(active) = &st.active {
+        // The first READY=1 is the caller's, once the socket is listening.
+        if let (false, Some(active)) = (first, &st.active) {
             systemd::ready(&format!("serving {}", active.name));
         }
         outcome
