@@ -96,7 +96,46 @@ pub fn check_gguf_header(path: &Path) -> Result<u64, EngineError> {
     if !(2..=3).contains(&version) {
         return Err(err(format!("unsupported GGUF version {version}")));
     }
+    check_gguf_layout(path, len).map_err(err)?;
     Ok(len)
+}
+
+/// Parses the GGUF metadata and tensor table with ggml's own reader (no tensor
+/// data is read) and checks that every tensor's data lies inside the file, so a
+/// half-copied file is refused with a clear reason before llama.cpp loads it.
+fn check_gguf_layout(path: &Path, len: u64) -> Result<(), String> {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| "path contains a NUL byte".to_string())?;
+    let params = llama_cpp_sys_2::gguf_init_params {
+        no_alloc: true,
+        ctx: std::ptr::null_mut(),
+    };
+    // SAFETY: a valid C string and params without a ggml context; the result is freed below.
+    let ctx = unsafe { llama_cpp_sys_2::gguf_init_from_file(c_path.as_ptr(), params) };
+    if ctx.is_null() {
+        return Err("GGUF metadata is corrupt or truncated".into());
+    }
+    // SAFETY: `ctx` is a live gguf context until gguf_free.
+    let (data_offset, needed) = unsafe {
+        let data_offset = llama_cpp_sys_2::gguf_get_data_offset(ctx);
+        let n = llama_cpp_sys_2::gguf_get_n_tensors(ctx);
+        let end = (0..n)
+            .map(|i| {
+                llama_cpp_sys_2::gguf_get_tensor_offset(ctx, i)
+                    .saturating_add(llama_cpp_sys_2::gguf_get_tensor_size(ctx, i))
+            })
+            .max()
+            .unwrap_or(0);
+        llama_cpp_sys_2::gguf_free(ctx);
+        (data_offset, end)
+    };
+    let needed = u64::try_from(data_offset.saturating_add(needed)).unwrap_or(u64::MAX);
+    if needed > len {
+        return Err(format!(
+            "truncated: its tensors need {needed} bytes, the file has {len} (still being copied?)"
+        ));
+    }
+    Ok(())
 }
 
 /// Hex sha256 of a file, read in 1 MiB chunks.
@@ -499,10 +538,21 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("too short"));
+        // A header with zero tensors and zero keys is a complete, empty GGUF.
         let mut ok = b"GGUF".to_vec();
         ok.extend_from_slice(&3u32.to_le_bytes());
         ok.extend_from_slice(&[0u8; 16]);
         std::fs::write(&p, &ok).unwrap();
         assert_eq!(check_gguf_header(&p).unwrap(), 24);
+        // A header that promises one tensor it does not contain.
+        let mut bad = b"GGUF".to_vec();
+        bad.extend_from_slice(&3u32.to_le_bytes());
+        bad.extend_from_slice(&1u64.to_le_bytes());
+        bad.extend_from_slice(&0u64.to_le_bytes());
+        std::fs::write(&p, &bad).unwrap();
+        assert!(check_gguf_header(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("corrupt or truncated"));
     }
 }
