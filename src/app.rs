@@ -177,7 +177,7 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     };
     // Load before binding: clients never meet a socket without a model behind it.
     let (registry, engine) = Registry::start(registry_config, loader, args.queue_capacity)?;
-    let bound = match crate::listener::from_systemd()? {
+    let mut bound = match crate::listener::from_systemd()? {
         Some(b) => {
             tracing::info!("listening on the socket passed by systemd");
             b
@@ -200,7 +200,10 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         .build()
         .context("starting the async runtime")?;
     let finished = runtime.block_on(async {
-        let std_listener = bound.listener.try_clone().context("cloning the listener")?;
+        let std_listener = bound
+            .listener
+            .take()
+            .context("the listener was already taken")?;
         let listener =
             tokio::net::UnixListener::from_std(std_listener).context("registering the listener")?;
         let stop_watch = CancellationToken::new();

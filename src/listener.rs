@@ -31,8 +31,10 @@ pub enum ListenError {
 
 /// A listener and, when the daemon bound it itself, the path to remove on drop.
 pub struct BoundSocket {
-    /// The listener, non-blocking, ready for tokio.
-    pub listener: std::os::unix::net::UnixListener,
+    /// The listener, non-blocking, ready for tokio. Take it (`Option::take`) to
+    /// hand it to the server, which closes it when shutdown starts, so later
+    /// connections are refused instead of waiting in the backlog.
+    pub listener: Option<std::os::unix::net::UnixListener>,
     /// The path bound; `None` for a socket passed in by systemd.
     pub path: Option<PathBuf>,
 }
@@ -62,7 +64,7 @@ pub fn from_systemd() -> Result<Option<BoundSocket>, ListenError> {
             // tokio's from_std needs non-blocking, or accept() blocks the runtime (tokio#5595).
             listener.set_nonblocking(true).map_err(io)?;
             Ok(Some(BoundSocket {
-                listener,
+                listener: Some(listener),
                 path: None,
             }))
         }
@@ -95,16 +97,16 @@ pub fn bind(path: &Path, mode: u32) -> Result<BoundSocket, ListenError> {
         Err(e) => return Err(io("inspect", e)),
     }
     let listener = std::os::unix::net::UnixListener::bind(path).map_err(|e| io("bind", e))?;
-    let bound = BoundSocket {
-        listener,
+    let mut bound = BoundSocket {
+        listener: None,
         path: Some(path.to_path_buf()),
     };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(|e| io("set mode of", e))?;
-    bound
-        .listener
+    listener
         .set_nonblocking(true)
         .map_err(|e| io("set non-blocking", e))?;
+    bound.listener = Some(listener);
     Ok(bound)
 }
 

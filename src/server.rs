@@ -16,7 +16,7 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -238,19 +238,28 @@ pub async fn run_with_registry(
 async fn handle_connection(stream: UnixStream, shared: &Arc<Shared>) -> std::io::Result<()> {
     let (reader, mut writer) = stream.into_split();
     let mut frames = FramedRead::new(reader, LineCodec::new(shared.config.max_line_bytes));
-    let (tx, mut rx) = mpsc::channel::<Pending>(shared.config.max_in_flight_per_connection.max(1));
+    // One permit per request read and not yet answered: at most
+    // `max_in_flight_per_connection`; past it the connection is not read.
+    let permits = Arc::new(Semaphore::new(
+        shared.config.max_in_flight_per_connection.max(1),
+    ));
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Pending, OwnedSemaphorePermit)>();
 
     let writer_shared = shared.clone();
     let writer_task = async move {
-        while let Some(pending) = rx.recv().await {
+        while let Some((pending, permit)) = rx.recv().await {
             let bytes = resolve(pending, &writer_shared).await;
             writer.write_all(&bytes).await?;
+            drop(permit);
         }
         writer.shutdown().await
     };
 
     let reader_task = async move {
         loop {
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                break;
+            };
             let frame = if shared.draining.is_cancelled() {
                 // Shutting down: take what the client already sent, stop when it is quiet.
                 match tokio::time::timeout(shared.config.drain_quiet, frames.next()).await {
@@ -260,7 +269,10 @@ async fn handle_connection(stream: UnixStream, shared: &Arc<Shared>) -> std::io:
             } else {
                 tokio::select! {
                     f = frames.next() => f,
-                    () = shared.draining.cancelled() => continue,
+                    () = shared.draining.cancelled() => {
+                        // Re-enter the loop in drain mode, with this permit given back.
+                        continue;
+                    }
                 }
             };
             let pending = match frame {
@@ -271,7 +283,7 @@ async fn handle_connection(stream: UnixStream, shared: &Arc<Shared>) -> std::io:
                 }
                 Some(Ok(frame)) => handle_frame(frame, shared),
             };
-            if tx.send(pending).await.is_err() {
+            if tx.send((pending, permit)).is_err() {
                 break; // writer gone: the client closed its side
             }
         }

@@ -26,7 +26,9 @@ fn model_or_panic(file: &str) -> PathBuf {
             return PathBuf::from(p);
         }
     }
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join(file);
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("models")
+        .join(file);
     assert!(
         p.is_file(),
         "{} is missing: run scripts/fetch-models.sh first",
@@ -38,6 +40,34 @@ fn model_or_panic(file: &str) -> PathBuf {
 /// The built binary.
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_promptgate")
+}
+
+/// Inference threads of the daemons and `classify` runs the tests start:
+/// `$PROMPTGATE_TEST_THREADS`, else 1.
+///
+/// One, because the test harness runs several daemons at once: llama.cpp's
+/// OpenMP threads spin at barriers, and on a machine with fewer free cores
+/// than threads a short prompt goes from ~0.2 s to several seconds.
+pub fn threads() -> String {
+    std::env::var("PROMPTGATE_TEST_THREADS").unwrap_or_else(|_| "1".into())
+}
+
+/// The `promptgate serve` command the tests run: SmolLM2, [`threads`], warnings only.
+pub fn serve_command(socket: &Path, extra: &[&str]) -> Command {
+    let model = smollm2();
+    let mut cmd = Command::new(bin());
+    cmd.args(["serve", "--socket"])
+        .arg(socket)
+        .arg("--models-dir")
+        .arg(model.parent().unwrap())
+        .arg("--model")
+        .arg(&model)
+        .arg("--threads")
+        .arg(threads())
+        .args(["--log", "warn"])
+        .args(extra)
+        .stdin(Stdio::null());
+    cmd
 }
 
 /// A running daemon on a temporary socket.
@@ -52,17 +82,13 @@ impl Daemon {
     pub fn start(extra: &[&str]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("pg.sock");
-        let model = smollm2();
-        let child = Command::new(bin())
-            .args(["serve", "--socket"])
-            .arg(&socket)
-            .arg("--models-dir")
-            .arg(model.parent().unwrap())
-            .arg("--model")
-            .arg(&model)
-            .args(["--threads", "2", "--log", "warn"])
-            .args(extra)
-            .stdin(Stdio::null())
+        Daemon::start_at(dir, socket, extra)
+    }
+
+    /// Like [`Daemon::start`], on a chosen `socket` path (usually inside `dir`,
+    /// which the daemon keeps alive).
+    pub fn start_at(dir: tempfile::TempDir, socket: PathBuf, extra: &[&str]) -> Daemon {
+        let child = serve_command(&socket, extra)
             .spawn()
             .expect("start promptgate serve");
         let mut d = Daemon { child, socket, dir };
@@ -148,7 +174,9 @@ impl Client {
 
 /// Asserts a classification answer has the documented shape.
 pub fn assert_verdict(v: &Value) {
-    let score = v["score"].as_f64().unwrap_or_else(|| panic!("no score: {v}"));
+    let score = v["score"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no score: {v}"));
     assert!((0.0..=1.0).contains(&score), "{v}");
     let label = v["label"].as_str().unwrap();
     let threshold = v["threshold"].as_f64().unwrap();
