@@ -32,6 +32,7 @@ fn bench(c: &mut Criterion) {
         },
         tokens: 13,
         windows: 1,
+        normalized: Vec::new(),
         latency_ms: LatencyMs {
             queue: 0.01,
             infer: 41.2,

@@ -9,14 +9,14 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde_json::Value;
 
-use crate::config::{ClassifyArgs, ModelArgs, ServeArgs, WatchArg};
+use crate::config::{ClassifyArgs, ModelArgs, OnErrorArg, ServeArgs, WatchArg};
 use crate::engine::llama::{LlamaConfig, LlamaScorer};
 use crate::engine::{ms, Scorer};
 use crate::protocol::{
     encode_line, ErrorResponse, ErrorType, Label, LatencyMs, RequestError, Verdict,
 };
 use crate::registry::{Loader, Registry, RegistryConfig, WatchMode};
-use crate::server::ServerConfig;
+use crate::server::{OnError, ServerConfig};
 use tokio_util::sync::CancellationToken;
 
 /// Process exit status, grep-style for `classify`.
@@ -126,7 +126,8 @@ fn classify_one(
         );
     }
     let started = Instant::now();
-    match scorer.score(text) {
+    let normalized = crate::normalize::normalize(text);
+    match scorer.score(&normalized.text) {
         Err(e) => error_line(id, e.to_request_error()),
         Ok(score) => {
             let label = Label::from_score(score.p_malicious, threshold);
@@ -139,6 +140,7 @@ fn classify_one(
                 model: scorer.model().clone(),
                 tokens: score.tokens,
                 windows: score.windows,
+                normalized: normalized.changes,
                 latency_ms: LatencyMs {
                     queue: 0.0,
                     infer,
@@ -188,12 +190,24 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
             b
         }
     };
+    let seconds = |s: f64| Duration::from_secs_f64(s.max(0.0));
     let server_config = ServerConfig {
         max_line_bytes: args.max_line_bytes,
         max_in_flight_per_connection: args.max_in_flight,
-        shutdown_grace: Duration::from_secs_f64(args.shutdown_grace.max(0.0)),
+        shutdown_grace: seconds(args.shutdown_grace),
+        request_timeout: seconds(args.request_timeout),
+        on_error: match args.on_error {
+            OnErrorArg::Refuse => OnError::Refuse,
+            OnErrorArg::Flag => OnError::Flag,
+        },
+        max_connections: args.max_connections,
+        idle_timeout: seconds(args.idle_timeout),
+        line_timeout: seconds(args.line_timeout),
+        allow_uids: args.allow_uid.clone(),
+        allow_gids: args.allow_gid.clone(),
         ..ServerConfig::default()
     };
+    raise_fd_limit(args.max_connections);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -229,6 +243,40 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::Error
     })
+}
+
+/// Raises the soft open-file limit towards the hard one, so that
+/// `max_connections` clients (one fd each) plus the daemon's own files fit.
+fn raise_fd_limit(max_connections: usize) {
+    let want = u64::try_from(max_connections)
+        .unwrap_or(u64::MAX)
+        .saturating_add(64);
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 || lim.rlim_cur >= want {
+            return;
+        }
+        let before = lim.rlim_cur;
+        lim.rlim_cur = want.min(lim.rlim_max);
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+            tracing::debug!(
+                from = before,
+                to = lim.rlim_cur,
+                "raised the open-file limit"
+            );
+        }
+        if lim.rlim_cur < want {
+            tracing::warn!(
+                limit = lim.rlim_cur,
+                max_connections,
+                "the open-file limit is below --max-connections; accept() will fail before the cap"
+            );
+        }
+    }
 }
 
 /// Re-scans the models directory on every SIGHUP (`systemctl reload`).

@@ -120,6 +120,38 @@ pub struct ServeArgs {
     /// Quiet milliseconds after the last file event before the directory is re-scanned.
     #[arg(long, env = "PROMPTGATE_DEBOUNCE_MS", default_value_t = 500)]
     pub debounce_ms: u64,
+    /// Seconds from reading a request to its answer; past it the answer is `timeout`.
+    #[arg(long, env = "PROMPTGATE_REQUEST_TIMEOUT", default_value_t = 30.0)]
+    pub request_timeout: f64,
+    /// Answer to a request that cannot be scored: `refuse` (an error line, no
+    /// label) or `flag` (the error line plus `"label":"malicious"`, `"score":1.0`).
+    /// Never benign.
+    #[arg(long, env = "PROMPTGATE_ON_ERROR", value_enum, default_value_t = OnErrorArg::Refuse)]
+    pub on_error: OnErrorArg,
+    /// Connections served at once; more get `too_many_connections` and are closed.
+    #[arg(long, env = "PROMPTGATE_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Seconds a connection with nothing in flight may stay silent before it is closed.
+    #[arg(long, env = "PROMPTGATE_IDLE_TIMEOUT", default_value_t = 300.0)]
+    pub idle_timeout: f64,
+    /// Seconds a request line may take from its first byte to its newline.
+    #[arg(long, env = "PROMPTGATE_LINE_TIMEOUT", default_value_t = 10.0)]
+    pub line_timeout: f64,
+    /// Allow only these peer uids (SO_PEERCRED), comma-separated; others get `forbidden`.
+    #[arg(long, env = "PROMPTGATE_ALLOW_UID", value_delimiter = ',')]
+    pub allow_uid: Vec<u32>,
+    /// Allow only these peer gids, comma-separated; others get `forbidden`.
+    #[arg(long, env = "PROMPTGATE_ALLOW_GID", value_delimiter = ',')]
+    pub allow_gid: Vec<u32>,
+}
+
+/// `--on-error`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnErrorArg {
+    /// An error line without a label.
+    Refuse,
+    /// An error line labelled malicious with score 1.0.
+    Flag,
 }
 
 /// How `serve` watches its models directory.

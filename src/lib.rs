@@ -12,6 +12,7 @@ pub mod app;
 pub mod config;
 pub mod engine;
 pub mod listener;
+pub mod normalize;
 pub mod protocol;
 pub mod registry;
 pub mod server;

@@ -41,6 +41,33 @@ pub struct ServerConfig {
     /// After a shutdown signal, a connection's lines already sent are still read
     /// until it is quiet for this long.
     pub drain_quiet: Duration,
+    /// Deadline from reading a request to its answer; past it the answer is `timeout`.
+    pub request_timeout: Duration,
+    /// What an answer looks like when a request cannot be scored.
+    pub on_error: OnError,
+    /// Connections served at once; more are answered `too_many_connections` and closed.
+    pub max_connections: usize,
+    /// A connection with nothing in flight and no new line for this long is closed (`idle_timeout`).
+    pub idle_timeout: Duration,
+    /// A line must arrive complete within this long of its first byte (`slow_client`).
+    pub line_timeout: Duration,
+    /// Peers allowed by uid (SO_PEERCRED); empty with `allow_gids` empty: everyone
+    /// who can open the socket (its file mode decides).
+    pub allow_uids: Vec<u32>,
+    /// Peers allowed by primary gid.
+    pub allow_gids: Vec<u32>,
+}
+
+/// The fail-closed policy: an answer that is not a verdict is never benign.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnError {
+    /// Answer an error line (`{"id","error"}`) without a label; the client must
+    /// not pass the prompt on. The default.
+    #[default]
+    Refuse,
+    /// Answer the error line with `"label": "malicious"` and `"score": 1.0`
+    /// added, for clients that read only the label.
+    Flag,
 }
 
 impl Default for ServerConfig {
@@ -50,6 +77,13 @@ impl Default for ServerConfig {
             max_in_flight_per_connection: 16,
             shutdown_grace: Duration::from_secs(30),
             drain_quiet: Duration::from_millis(100),
+            request_timeout: Duration::from_secs(30),
+            on_error: OnError::Refuse,
+            max_connections: 1024,
+            idle_timeout: Duration::from_secs(300),
+            line_timeout: Duration::from_secs(10),
+            allow_uids: Vec::new(),
+            allow_gids: Vec::new(),
         }
     }
 }
@@ -62,6 +96,8 @@ pub struct Stats {
     connections_total: AtomicU64,
     connections_open: AtomicU64,
     errors: Mutex<BTreeMap<&'static str, u64>>,
+    /// Requests per peer uid.
+    by_uid: Mutex<BTreeMap<u32, u64>>,
     /// Total latency of answered classifications, in microseconds.
     latency_us: Mutex<hdrhistogram::Histogram<u64>>,
 }
@@ -75,6 +111,7 @@ impl Stats {
             connections_total: AtomicU64::new(0),
             connections_open: AtomicU64::new(0),
             errors: Mutex::new(BTreeMap::new()),
+            by_uid: Mutex::new(BTreeMap::new()),
             latency_us: Mutex::new(
                 hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3)
                     .expect("static histogram bounds are valid"),
@@ -89,6 +126,17 @@ impl Stats {
             .unwrap_or_else(|e| e.into_inner())
             .entry(kind.as_str())
             .or_insert(0) += 1;
+    }
+
+    fn record_uid(&self, uid: Option<u32>) {
+        if let Some(uid) = uid {
+            *self
+                .by_uid
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(uid)
+                .or_insert(0) += 1;
+        }
     }
 
     fn record_verdict(&self, label: Label, total: Duration) {
@@ -131,6 +179,13 @@ impl Stats {
                 "total": self.connections_total.load(Ordering::Relaxed),
             },
             "latency_ms": {"p50": p50, "p95": p95, "p99": p99},
+            "requests_by_uid": self
+                .by_uid
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(|(uid, n)| (uid.to_string(), *n))
+                .collect::<BTreeMap<String, u64>>(),
         })
     }
 }
@@ -150,6 +205,7 @@ enum Pending {
     Scoring {
         id: Value,
         threshold: Option<f64>,
+        normalized: Vec<crate::normalize::Change>,
         received: Instant,
         rx: oneshot::Receiver<JobResult>,
     },
@@ -193,6 +249,7 @@ pub async fn run_with_registry(
         draining: CancellationToken::new(),
     });
     let tracker = TaskTracker::new();
+    let connection_slots = Arc::new(Semaphore::new(shared.config.max_connections.max(1)));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -200,10 +257,26 @@ pub async fn run_with_registry(
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let shared = shared.clone();
+                    let slot = connection_slots.clone().try_acquire_owned();
                     tracker.spawn(async move {
                         shared.stats.connections_total.fetch_add(1, Ordering::Relaxed);
+                        let Ok(_slot) = slot else {
+                            let msg = format!(
+                                "the daemon serves {} connections already (--max-connections); retry later",
+                                shared.config.max_connections
+                            );
+                            refuse(stream, &shared, ErrorType::TooManyConnections, msg).await;
+                            return;
+                        };
+                        let peer = Peer::of(&stream);
+                        if !peer.allowed(&shared.config) {
+                            tracing::warn!(uid = ?peer.uid, gid = ?peer.gid, pid = ?peer.pid, "peer refused");
+                            let msg = "this peer's uid/gid is not allowed (--allow-uid, --allow-gid)".to_string();
+                            refuse(stream, &shared, ErrorType::Forbidden, msg).await;
+                            return;
+                        }
                         shared.stats.connections_open.fetch_add(1, Ordering::Relaxed);
-                        if let Err(e) = handle_connection(stream, &shared).await {
+                        if let Err(e) = handle_connection(stream, &shared, peer).await {
                             tracing::debug!(error = %e, "connection ended with an error");
                         }
                         shared.stats.connections_open.fetch_sub(1, Ordering::Relaxed);
@@ -235,7 +308,76 @@ pub async fn run_with_registry(
     Ok(finished)
 }
 
-async fn handle_connection(stream: UnixStream, shared: &Arc<Shared>) -> std::io::Result<()> {
+/// Bytes waiting in the socket's receive queue (FIONREAD); 0 if unknown.
+fn queued_bytes(stream: &UnixStream) -> usize {
+    use std::os::unix::io::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int through a valid pointer.
+    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::FIONREAD, &mut n) };
+    if rc == 0 {
+        usize::try_from(n).unwrap_or(0)
+    } else {
+        0
+    }
+}
+
+/// The peer's credentials from SO_PEERCRED.
+#[derive(Debug, Clone, Copy, Default)]
+struct Peer {
+    uid: Option<u32>,
+    gid: Option<u32>,
+    pid: Option<i32>,
+}
+
+impl Peer {
+    fn of(stream: &UnixStream) -> Peer {
+        match stream.peer_cred() {
+            Ok(c) => Peer {
+                uid: Some(c.uid()),
+                gid: Some(c.gid()),
+                pid: c.pid(),
+            },
+            Err(_) => Peer::default(),
+        }
+    }
+
+    fn allowed(&self, config: &ServerConfig) -> bool {
+        if config.allow_uids.is_empty() && config.allow_gids.is_empty() {
+            return true;
+        }
+        self.uid.is_some_and(|u| config.allow_uids.contains(&u))
+            || self.gid.is_some_and(|g| config.allow_gids.contains(&g))
+    }
+}
+
+/// Answers one error line to a connection that will not be served, and closes it.
+async fn refuse(mut stream: UnixStream, shared: &Shared, kind: ErrorType, message: String) {
+    shared.stats.record_error(kind);
+    let line = encode_line(&with_policy(
+        shared,
+        ErrorResponse::new(Value::Null, RequestError::new(kind, message)),
+    ));
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = stream.write_all(&line).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}
+
+/// Applies the `--on-error` policy to an error answer.
+fn with_policy(shared: &Shared, mut response: ErrorResponse) -> ErrorResponse {
+    if shared.config.on_error == OnError::Flag {
+        response.label = Some(Label::Malicious);
+        response.score = Some(1.0);
+    }
+    response
+}
+
+async fn handle_connection(
+    stream: UnixStream,
+    shared: &Arc<Shared>,
+    peer: Peer,
+) -> std::io::Result<()> {
     let (reader, mut writer) = stream.into_split();
     let mut frames = FramedRead::new(reader, LineCodec::new(shared.config.max_line_bytes));
     // One permit per request read and not yet answered: at most
@@ -244,44 +386,119 @@ async fn handle_connection(stream: UnixStream, shared: &Arc<Shared>) -> std::io:
         shared.config.max_in_flight_per_connection.max(1),
     ));
     let (tx, mut rx) = mpsc::unbounded_channel::<(Pending, OwnedSemaphorePermit)>();
+    let written = Arc::new(tokio::sync::Notify::new());
 
     let writer_shared = shared.clone();
+    let writer_written = written.clone();
     let writer_task = async move {
         while let Some((pending, permit)) = rx.recv().await {
             let bytes = resolve(pending, &writer_shared).await;
             writer.write_all(&bytes).await?;
             drop(permit);
+            writer_written.notify_one();
         }
         writer.shutdown().await
     };
+    let max_in_flight = shared.config.max_in_flight_per_connection.max(1);
 
     let reader_task = async move {
+        let mut idle_since = Instant::now();
+        let mut drain_budget: Option<usize> = None;
         loop {
             let Ok(permit) = permits.clone().acquire_owned().await else {
                 break;
             };
             let frame = if shared.draining.is_cancelled() {
-                // Shutting down: take what the client already sent, stop when it is quiet.
+                // Shutting down: answer exactly the bytes this connection had
+                // received when the drain began (kernel queue plus our buffer).
+                let budget = drain_budget.get_or_insert_with(|| {
+                    queued_bytes(frames.get_ref().as_ref()) + frames.read_buffer().len()
+                });
+                if *budget == 0 {
+                    break;
+                }
                 match tokio::time::timeout(shared.config.drain_quiet, frames.next()).await {
-                    Ok(f) => f,
+                    Ok(f) => {
+                        let used = match &f {
+                            Some(Ok(Frame::Line(line))) => line.len() + 1,
+                            _ => usize::MAX,
+                        };
+                        *budget = budget.saturating_sub(used);
+                        f
+                    }
                     Err(_) => break,
                 }
             } else {
-                tokio::select! {
-                    f = frames.next() => f,
-                    () = shared.draining.cancelled() => {
-                        // Re-enter the loop in drain mode, with this permit given back.
-                        continue;
+                // Wait for a line, closing slow senders and idle connections.
+                let waited = loop {
+                    let in_flight = max_in_flight - permits.available_permits() - 1;
+                    let deadline = match frames.decoder().partial_since() {
+                        Some(t) => Some((t + shared.config.line_timeout, ErrorType::SlowClient)),
+                        None if in_flight == 0 => Some((
+                            idle_since + shared.config.idle_timeout,
+                            ErrorType::IdleTimeout,
+                        )),
+                        None => None,
+                    };
+                    // Without a partial line, wake at least every line_timeout to
+                    // notice one that started meanwhile.
+                    let recheck = Instant::now() + shared.config.line_timeout;
+                    let sleep_until = match deadline {
+                        Some((at, ErrorType::SlowClient)) => at,
+                        Some((at, _)) => at.min(recheck),
+                        None => recheck,
+                    };
+                    tokio::select! {
+                        f = frames.next() => break Ok(f),
+                        () = tokio::time::sleep_until(sleep_until.into()) => {
+                            if let Some((at, kind)) = deadline {
+                                let still = match kind {
+                                    ErrorType::SlowClient => frames.decoder().partial_since().is_some(),
+                                    _ => frames.decoder().partial_since().is_none(),
+                                };
+                                if still && Instant::now() >= at {
+                                    break Err(kind);
+                                }
+                            }
+                        }
+                        () = written.notified() => idle_since = Instant::now(),
+                        () = shared.draining.cancelled() => break Err(ErrorType::ShuttingDown),
+                    }
+                };
+                match waited {
+                    Ok(f) => f,
+                    Err(ErrorType::ShuttingDown) => continue, // re-enter in drain mode
+                    Err(kind) => {
+                        let message = match kind {
+                            ErrorType::SlowClient => format!(
+                                "a line took longer than {:.1} s to arrive (--line-timeout); closing",
+                                shared.config.line_timeout.as_secs_f64()
+                            ),
+                            _ => format!(
+                                "no request for {:.1} s (--idle-timeout); closing",
+                                shared.config.idle_timeout.as_secs_f64()
+                            ),
+                        };
+                        tracing::debug!(uid = ?peer.uid, pid = ?peer.pid, kind = kind.as_str(), "closing connection");
+                        let pending =
+                            error_pending(shared, Value::Null, RequestError::new(kind, message));
+                        let _ = tx.send((pending, permit));
+                        break;
                     }
                 }
             };
+            idle_since = Instant::now();
             let pending = match frame {
                 None => break,
                 Some(Err(e)) => {
                     tracing::debug!(error = %e, "read failed");
                     break;
                 }
-                Some(Ok(frame)) => handle_frame(frame, shared),
+                Some(Ok(frame)) => {
+                    tracing::debug!(uid = ?peer.uid, gid = ?peer.gid, pid = ?peer.pid, "request");
+                    shared.stats.record_uid(peer.uid);
+                    handle_frame(frame, shared)
+                }
             };
             if tx.send((pending, permit)).is_err() {
                 break; // writer gone: the client closed its side
@@ -359,15 +576,21 @@ fn handle_frame(frame: Frame, shared: &Arc<Shared>) -> Pending {
             body["id"] = id;
             Pending::Ready(encode_line(&body))
         }
-        Ok(Request::Classify(req)) => match shared.engine.try_submit(req.text) {
-            Ok(rx) => Pending::Scoring {
-                id: req.id,
-                threshold: req.threshold,
-                received,
-                rx,
-            },
-            Err(err) => error_pending(shared, req.id, err),
-        },
+        Ok(Request::Classify(req)) => {
+            // The model sees what an attack means, not what it hides; the
+            // answer says what was changed.
+            let normalized = crate::normalize::normalize(&req.text);
+            match shared.engine.try_submit(normalized.text) {
+                Ok(rx) => Pending::Scoring {
+                    id: req.id,
+                    threshold: req.threshold,
+                    normalized: normalized.changes,
+                    received,
+                    rx,
+                },
+                Err(err) => error_pending(shared, req.id, err),
+            }
+        }
     }
 }
 
@@ -399,30 +622,44 @@ fn health(shared: &Shared) -> Value {
 
 fn error_pending(shared: &Shared, id: Value, err: RequestError) -> Pending {
     shared.stats.record_error(err.kind);
-    Pending::Ready(encode_line(&ErrorResponse::new(id, err)))
+    Pending::Ready(encode_line(&with_policy(
+        shared,
+        ErrorResponse::new(id, err),
+    )))
 }
 
 async fn resolve(pending: Pending, shared: &Shared) -> Vec<u8> {
-    let (id, threshold, received, rx) = match pending {
+    let (id, threshold, normalized, received, rx) = match pending {
         Pending::Ready(bytes) => return bytes,
         Pending::Later(fut) => return fut.await,
         Pending::Scoring {
             id,
             threshold,
+            normalized,
             received,
             rx,
-        } => (id, threshold, received, rx),
+        } => (id, threshold, normalized, received, rx),
     };
-    let result = rx.await.unwrap_or_else(|_| {
-        Err(RequestError::new(
+    let deadline = received + shared.config.request_timeout;
+    let result = match tokio::time::timeout_at(deadline.into(), rx).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(_)) => Err(RequestError::new(
             ErrorType::Internal,
             "the inference worker dropped the request",
-        ))
-    });
+        )),
+        // Dropping the receiver makes the worker skip the job if it is still queued.
+        Err(_) => Err(RequestError::new(
+            ErrorType::Timeout,
+            format!(
+                "not scored within {:.1} s (--request-timeout)",
+                shared.config.request_timeout.as_secs_f64()
+            ),
+        )),
+    };
     match result {
         Err(err) => {
             shared.stats.record_error(err.kind);
-            encode_line(&ErrorResponse::new(id, err))
+            encode_line(&with_policy(shared, ErrorResponse::new(id, err)))
         }
         Ok(scored) => {
             let threshold = threshold.unwrap_or(scored.default_threshold);
@@ -437,6 +674,7 @@ async fn resolve(pending: Pending, shared: &Shared) -> Vec<u8> {
                 model: scored.model,
                 tokens: scored.score.tokens,
                 windows: scored.score.windows,
+                normalized,
                 latency_ms: LatencyMs {
                     queue: scored.queue_ms,
                     infer: scored.infer_ms,
