@@ -292,7 +292,15 @@ impl Registry {
         let mut failures = Vec::new();
         for (name, path, fp) in to_try {
             match self.try_swap(&name, &path, fp) {
-                Ok(()) => return Outcome::Swapped { name },
+                Ok(()) => {
+                    if failures.is_empty() {
+                        // A clean swap: the last error described a state that
+                        // no longer holds (each refused file keeps its reason
+                        // in `models`).
+                        lock(&self.state).last_reload_error = None;
+                    }
+                    return Outcome::Swapped { name };
+                }
                 Err(reason) => failures.push(format!("{name}: {reason}")),
             }
         }
@@ -466,7 +474,10 @@ impl Registry {
     async fn notify_loop(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
         use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
         use notify::Watcher;
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(16);
+        // `true`: the directory itself went away or notify lost events, so
+        // the watch must be set up again (an inode number can be reused by
+        // `rm -r dir && mkdir dir`, so comparing inodes is not enough).
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<bool>(16);
         // Held only to keep the inotify watch alive.
         let mut watcher: Option<notify::RecommendedWatcher>;
         let mut watched_ino: Option<u64> = None;
@@ -477,9 +488,25 @@ impl Registry {
                 watcher = None;
                 if ino.is_some() {
                     let tx = tx.clone();
+                    let dir = self.config.dir.clone();
                     let made =
                         notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-                            let Ok(event) = res else { return };
+                            let Ok(event) = res else {
+                                let _ = tx.try_send(true);
+                                return;
+                            };
+                            let about_dir = event.paths.iter().any(|p| p == &dir);
+                            if event.need_rescan()
+                                || (about_dir
+                                    && matches!(
+                                        event.kind,
+                                        EventKind::Remove(_)
+                                            | EventKind::Modify(ModifyKind::Name(_))
+                                    ))
+                            {
+                                let _ = tx.try_send(true);
+                                return;
+                            }
                             let relevant_kind = matches!(
                                 event.kind,
                                 EventKind::Access(AccessKind::Close(AccessMode::Write))
@@ -491,7 +518,7 @@ impl Registry {
                                     .is_some_and(|n| !skip_name(&n.to_string_lossy()))
                             });
                             if relevant_kind && relevant_name {
-                                let _ = tx.try_send(());
+                                let _ = tx.try_send(false);
                             }
                         })
                         .and_then(|mut w| {
@@ -513,9 +540,19 @@ impl Registry {
             tokio::select! {
                 () = stop.cancelled() => return,
                 got = rx.recv() => {
-                    if got.is_none() { return; }
+                    let Some(mut rewatch) = got else { return };
                     // Debounce: wait until events stop for a while.
-                    while let Ok(Some(())) = tokio::time::timeout(self.config.debounce, rx.recv()).await {}
+                    while let Ok(Some(more)) = tokio::time::timeout(self.config.debounce, rx.recv()).await {
+                        rewatch |= more;
+                    }
+                    if rewatch {
+                        tracing::debug!("the models directory went away: watching it anew");
+                        watched_ino = None;
+                        // Record what is there now (or that nothing is); the top of
+                        // the loop re-watches and re-scans once the directory exists.
+                        self.log_outcome(self.rescan().await);
+                        continue;
+                    }
                     self.log_outcome(self.rescan().await);
                 }
                 // Check every 2 s that the directory is still the one watched.

@@ -14,7 +14,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Barrier};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{assert_verdict, bin, serve_command, smollm2, threads, Client, Daemon};
 use serde_json::{json, Value};
@@ -692,4 +692,83 @@ fn max_in_flight_caps_the_requests_read_from_one_connection() {
          being scored: {} read and unanswered, with --max-in-flight 2",
         waiting + 1
     );
+}
+
+/// The issue's check: a slow-loris client, 2,000 simultaneous connections and
+/// a prompt of invalid UTF-8 each get their documented answer while another
+/// client keeps being served.
+#[test]
+fn hostile_clients_get_their_answers_while_another_is_served() {
+    let d = Daemon::start(&["--max-connections", "1000", "--line-timeout", "2"]);
+    let mut steady = d.connect();
+    let ask_steady = |c: &mut Client| {
+        let v = c.ask(r#"{"id":"steady","text":"What is the capital of France?"}"#);
+        assert_eq!(v["id"], "steady");
+        assert_verdict(&v);
+    };
+    ask_steady(&mut steady);
+
+    // Invalid UTF-8: `invalid_utf8`, and that connection keeps working.
+    let mut bad = d.connect();
+    bad.writer.write_all(b"caf\xe9 \xff\xfe\n").unwrap();
+    assert_eq!(bad.recv()["error"]["type"], "invalid_utf8");
+    assert_verdict(&bad.ask("hello again"));
+
+    // Slow loris: one byte a second never completes a line within 2 s.
+    let mut slow = d.connect();
+    let started = Instant::now();
+    for b in br#"{"text":"#.iter().take(3) {
+        let _ = slow.writer.write_all(&[*b]);
+        std::thread::sleep(Duration::from_millis(1000));
+    }
+    let v = slow.recv();
+    assert_eq!(v["error"]["type"], "slow_client", "{v}");
+    assert!(started.elapsed() < Duration::from_secs(6));
+    ask_steady(&mut steady);
+
+    // 2,000 connections at once: the cap (1,000, steady and bad among them)
+    // is served, the rest get `too_many_connections` and are closed.
+    let mut flood = Vec::new();
+    for _ in 0..2000 {
+        flood.push(Client::connect(&d.socket));
+    }
+    ask_steady(&mut steady);
+    // Refusals are written at once; give them a moment, then poll briefly.
+    std::thread::sleep(Duration::from_secs(1));
+    let mut refused = 0;
+    let mut open = Vec::new();
+    for mut c in flood {
+        c.reader
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_millis(5)))
+            .unwrap();
+        let mut line = String::new();
+        match c.reader.read_line(&mut line) {
+            Ok(n) if n > 0 => {
+                let v: Value = serde_json::from_str(&line).unwrap();
+                assert_eq!(v["error"]["type"], "too_many_connections", "{v}");
+                refused += 1;
+            }
+            _ => open.push(c),
+        }
+    }
+    assert!(refused >= 1000 - 2, "refused {refused} of 2000");
+    assert!(
+        open.len() <= 1000 - 2,
+        "{} connections over the cap stayed open",
+        open.len()
+    );
+    // A sample of the admitted ones is served.
+    for c in open.iter_mut().take(5) {
+        c.reader
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        assert_verdict(&c.ask("admitted"));
+    }
+    ask_steady(&mut steady);
+    let stats = steady.ask(r#"{"cmd":"stats"}"#);
+    assert_eq!(stats["errors"]["too_many_connections"], refused, "{stats}");
+    assert_eq!(stats["errors"]["slow_client"], 1);
+    assert_eq!(stats["errors"]["invalid_utf8"], 1);
 }
