@@ -18,7 +18,7 @@ pub enum ListenError {
     #[error("{0} exists and is not a socket; refusing to replace it")]
     NotASocket(PathBuf),
     /// An I/O error, with what was being done.
-    #[error("{what} {path}: {source}")]
+    #[error("{what} {path}")]
     Io {
         /// The operation.
         what: &'static str,

@@ -1,5 +1,7 @@
 //! The `promptgate` binary: parse the command line, set up logging, run one subcommand.
 
+use std::io::IsTerminal;
+
 use clap::Parser;
 use promptgate::app::{self, ExitCode};
 use promptgate::config::{Cli, Commands, LogFormat};
@@ -16,6 +18,7 @@ fn main() -> std::process::ExitCode {
     });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => builder.init(),
@@ -27,7 +30,6 @@ fn main() -> std::process::ExitCode {
     };
     let code = result.unwrap_or_else(|e| {
         tracing::error!("{e:#}");
-        eprintln!("promptgate: {e:#}");
         ExitCode::Error
     });
     std::process::ExitCode::from(code as u8)

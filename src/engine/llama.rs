@@ -358,6 +358,7 @@ impl LlamaScorer {
         let ranges = windows(tokens.len(), self.window_tokens, self.config.window_overlap);
         let mut best = 0.0f64;
         for r in &ranges {
+            super::watchdog_tick();
             let p = self.score_window(&tokens[r.clone()], use_cache)?;
             best = best.max(p);
         }

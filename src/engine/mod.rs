@@ -322,28 +322,43 @@ impl Engine {
     }
 }
 
-fn worker_loop(scorer: &mut dyn Scorer, rx: &crossbeam_channel::Receiver<Job>) {
-    // systemd's watchdog is fed from this loop, so a hung decode stops the pings.
-    let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2);
-    let tick = watchdog.unwrap_or(Duration::from_secs(3600));
-    let mut last_ping = Instant::now();
-    let mut ping = || {
-        if watchdog.is_some_and(|w| last_ping.elapsed() >= w) {
-            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
-            last_ping = Instant::now();
-        }
+/// Half of systemd's `WATCHDOG_USEC`, when the watchdog is on.
+fn watchdog_interval() -> Option<Duration> {
+    static INTERVAL: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+    *INTERVAL.get_or_init(|| sd_notify::watchdog_enabled().map(|d| d / 2))
+}
+
+/// Feeds systemd's watchdog (`WATCHDOG=1`) if half its interval has passed.
+///
+/// Called from the inference worker's loop between jobs and by scorers
+/// between windows of a long prompt, never from another thread: a decode
+/// that hangs stops the pings and systemd restarts the daemon, while a long
+/// but progressing prompt does not trip it.
+pub fn watchdog_tick() {
+    static LAST: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
+    let Some(every) = watchdog_interval() else {
+        return;
     };
-    ping();
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    if last.is_none_or(|t| t.elapsed() >= every) {
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+        *last = Some(Instant::now());
+    }
+}
+
+fn worker_loop(scorer: &mut dyn Scorer, rx: &crossbeam_channel::Receiver<Job>) {
+    let tick = watchdog_interval().unwrap_or(Duration::from_secs(3600));
+    watchdog_tick();
     loop {
         let job = match rx.recv_timeout(tick) {
             Ok(job) => job,
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                ping();
+                watchdog_tick();
                 continue;
             }
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
         };
-        ping();
+        watchdog_tick();
         if job.reply.is_closed() {
             // The client went away while the job waited: skip the work.
             continue;
