@@ -162,6 +162,11 @@ fn classify_one(
 /// # Errors
 /// Model, socket or runtime failures at start-up.
 pub fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
+    // Settings that can be wrong are checked before the model loads.
+    let socket_gid = match &args.socket_group {
+        Some(g) => Some(crate::listener::resolve_group(g).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
     let config = args.model.llama_config();
     let loader: Loader = Arc::new(move |path: &Path| {
         Ok(Box::new(LlamaScorer::load(path, config.clone())?) as Box<dyn Scorer>)
@@ -185,7 +190,7 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
             b
         }
         None => {
-            let b = crate::listener::bind(&args.socket, args.socket_mode)?;
+            let b = crate::listener::bind(&args.socket, args.socket_mode, socket_gid)?;
             tracing::info!(socket = %args.socket.display(), mode = format!("{:o}", args.socket_mode), "listening");
             b
         }

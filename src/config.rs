@@ -99,6 +99,9 @@ pub struct ServeArgs {
     /// File mode of the socket, in octal.
     #[arg(long, env = "PROMPTGATE_SOCKET_MODE", default_value = "660", value_parser = parse_octal)]
     pub socket_mode: u32,
+    /// Group of the socket file (name or gid), for clients that are not the daemon's user.
+    #[arg(long, env = "PROMPTGATE_SOCKET_GROUP")]
+    pub socket_group: Option<String>,
     /// Requests that may wait in the inference queue; past it, `overloaded` at once.
     #[arg(long, env = "PROMPTGATE_QUEUE_CAPACITY", default_value_t = crate::engine::DEFAULT_QUEUE_CAPACITY)]
     pub queue_capacity: usize,

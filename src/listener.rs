@@ -71,12 +71,13 @@ pub fn from_systemd() -> Result<Option<BoundSocket>, ListenError> {
     }
 }
 
-/// Binds `path` with file mode `mode` (e.g. `0o660`).
+/// Binds `path` with file mode `mode` (e.g. `0o660`) and, when given, group
+/// `gid` (so that the clients' group may connect, as systemd's `SocketGroup=`).
 ///
 /// # Errors
 /// [`ListenError::InUse`] when a live daemon answers there,
 /// [`ListenError::NotASocket`] when the path is another kind of file, or I/O errors.
-pub fn bind(path: &Path, mode: u32) -> Result<BoundSocket, ListenError> {
+pub fn bind(path: &Path, mode: u32, gid: Option<u32>) -> Result<BoundSocket, ListenError> {
     let io = |what, source| ListenError::Io {
         what,
         path: path.to_path_buf(),
@@ -101,6 +102,9 @@ pub fn bind(path: &Path, mode: u32) -> Result<BoundSocket, ListenError> {
         listener: None,
         path: Some(path.to_path_buf()),
     };
+    if let Some(gid) = gid {
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(|e| io("set group of", e))?;
+    }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(|e| io("set mode of", e))?;
     listener
@@ -108,6 +112,35 @@ pub fn bind(path: &Path, mode: u32) -> Result<BoundSocket, ListenError> {
         .map_err(|e| io("set non-blocking", e))?;
     bound.listener = Some(listener);
     Ok(bound)
+}
+
+/// Resolves a group name or a numeric gid.
+///
+/// # Errors
+/// When no such group exists.
+pub fn resolve_group(group: &str) -> Result<u32, String> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(gid);
+    }
+    let name =
+        std::ffi::CString::new(group).map_err(|_| "group name has a NUL byte".to_string())?;
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let mut result: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: getgrnam_r writes into `grp` and `buf`, both valid for their sizes.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            name.as_ptr(),
+            &mut grp,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    if rc != 0 || result.is_null() {
+        return Err(format!("no group named {group:?}"));
+    }
+    Ok(grp.gr_gid)
 }
 
 #[cfg(test)]
@@ -118,7 +151,12 @@ mod tests {
     fn binds_with_mode_and_removes_on_drop() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("s.sock");
-        let b = bind(&p, 0o640).unwrap();
+        let gid = unsafe { libc::getegid() };
+        let b = bind(&p, 0o640, Some(gid)).unwrap();
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::gid(&std::fs::metadata(&p).unwrap()),
+            gid
+        );
         let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o640);
         drop(b);
@@ -130,11 +168,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("s.sock");
         let live = std::os::unix::net::UnixListener::bind(&p).unwrap();
-        assert!(matches!(bind(&p, 0o660), Err(ListenError::InUse(_))));
+        assert!(matches!(bind(&p, 0o660, None), Err(ListenError::InUse(_))));
         // A crashed daemon: its listener is gone, the file stays behind.
         drop(live);
         assert!(p.exists());
-        let again = bind(&p, 0o660).unwrap();
+        let again = bind(&p, 0o660, None).unwrap();
         assert!(std::os::unix::net::UnixStream::connect(&p).is_ok());
         drop(again);
         assert!(!p.exists());
@@ -145,7 +183,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("not-a-socket");
         std::fs::write(&p, b"data").unwrap();
-        assert!(matches!(bind(&p, 0o660), Err(ListenError::NotASocket(_))));
+        assert!(matches!(
+            bind(&p, 0o660, None),
+            Err(ListenError::NotASocket(_))
+        ));
         assert_eq!(std::fs::read(&p).unwrap(), b"data");
     }
 }

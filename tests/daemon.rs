@@ -569,6 +569,28 @@ fn socket_mode_defaults_to_0660_and_follows_the_flag() {
     let d = Daemon::start(&["--socket-mode", "600"]);
     assert_eq!(socket_mode(&d.socket), 0o600);
     assert_eq!(d.connect().ask(r#"{"cmd":"health"}"#)["status"], "ok");
+    drop(d);
+    // The socket's group, by number (root may give it any group; others their own).
+    let gid = if unsafe { libc::geteuid() } == 0 {
+        4242
+    } else {
+        unsafe { libc::getegid() }
+    };
+    let d = Daemon::start(&["--socket-group", &gid.to_string()]);
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&d.socket).unwrap().gid(), gid);
+    assert_eq!(socket_mode(&d.socket), 0o660);
+    drop(d);
+    // An unknown group name is a start-up error (exit 2), not a socket with the wrong group.
+    let dir = tempfile::tempdir().unwrap();
+    let out = serve_command(
+        &dir.path().join("g.sock"),
+        &["--socket-group", "no-such-group-pg"],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no group named"));
 }
 
 // Extras ------------------------------------------------------------------
@@ -771,4 +793,70 @@ fn hostile_clients_get_their_answers_while_another_is_served() {
     assert_eq!(stats["errors"]["too_many_connections"], refused, "{stats}");
     assert_eq!(stats["errors"]["slow_client"], 1);
     assert_eq!(stats["errors"]["invalid_utf8"], 1);
+}
+
+/// SIGTERM while 32 clients are sending: every request received before the
+/// signal is answered, connections made after it are refused, the daemon
+/// exits 0 within its grace period and removes its socket.
+#[test]
+fn sigterm_with_thirty_two_clients_sending() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // Generous deadlines: on a loaded 2-core box 64 prompts take a while.
+    let mut d = Daemon::start(&["--shutdown-grace", "300", "--request-timeout", "300"]);
+    let answered = Arc::new(AtomicUsize::new(0));
+    let start = Arc::new(Barrier::new(33));
+    let mut clients = Vec::new();
+    for conn in 0..32 {
+        let mut c = d.connect();
+        let answered = answered.clone();
+        let start = start.clone();
+        clients.push(std::thread::spawn(move || {
+            start.wait();
+            let mut lines = String::new();
+            for i in 0..2 {
+                lines.push_str(
+                    &json!({"id": [conn, i], "text": format!("request {i} from client {conn}")})
+                        .to_string(),
+                );
+                lines.push('\n');
+            }
+            c.writer.write_all(lines.as_bytes()).unwrap();
+            let mut got = 0;
+            loop {
+                let mut s = String::new();
+                match c.reader.read_line(&mut s) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        let v: Value = serde_json::from_str(&s).unwrap();
+                        assert_eq!(v["id"], json!([conn, got]), "{v}");
+                        assert_verdict(&v);
+                        got += 1;
+                        answered.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }
+            got
+        }));
+    }
+    start.wait();
+    // Every client writes its 2 requests at once; signal once a few are answered.
+    while answered.load(Ordering::SeqCst) < 4 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    d.terminate();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        UnixStream::connect(&d.socket).is_err(),
+        "a connection after SIGTERM is refused"
+    );
+    for c in clients {
+        assert_eq!(
+            c.join().unwrap(),
+            2,
+            "every request sent before the signal is answered"
+        );
+    }
+    assert_eq!(d.wait(Duration::from_secs(300)), Some(0));
+    assert!(!d.socket.exists(), "socket removed on exit");
 }
