@@ -1,7 +1,7 @@
 //! The subcommands, wired from their parts. `main` calls one function here per
 //! subcommand and turns its [`ExitCode`] into the process status.
 
-use std::io::{BufRead, Write};
+use std::io::{BufRead, IsTerminal, Write};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde_json::Value;
 
-use crate::config::{ClassifyArgs, ModelArgs, OnErrorArg, ServeArgs, WatchArg};
+use crate::config::{ClassifyArgs, EvalArgs, ModelArgs, OnErrorArg, ServeArgs, WatchArg};
 use crate::engine::llama::{LlamaConfig, LlamaScorer};
 use crate::engine::{ms, Scorer};
 use crate::protocol::{
@@ -154,6 +154,58 @@ fn classify_one(
             (line, outcome)
         }
     }
+}
+
+/// `promptgate eval`: scores labelled rows, prints a table, writes JSON.
+///
+/// # Errors
+/// Unreadable data, model load failures, or an unwritable `--json` path.
+pub fn eval(args: &EvalArgs) -> anyhow::Result<ExitCode> {
+    if let Some(t) = args.threshold {
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&t),
+            "--threshold must be in [0, 1], got {t}"
+        );
+    }
+    let mut rows = crate::detector::eval::read_rows(&args.data)?;
+    if args.limit > 0 && rows.len() > args.limit {
+        // Every k-th row: deterministic and spread over the whole file.
+        let step = rows.len().div_ceil(args.limit);
+        rows = rows.into_iter().step_by(step).collect();
+    }
+    let mut scorer = args.model.load()?;
+    let started = Instant::now();
+    let tty = std::io::stderr().is_terminal();
+    let (report, scored) = crate::detector::eval::evaluate(
+        &mut scorer,
+        &rows,
+        args.threshold,
+        &args.data.display().to_string(),
+        |done, total| {
+            if tty && (done % 10 == 0 || done == total) {
+                let elapsed = started.elapsed().as_secs_f64();
+                let eta = elapsed / done as f64 * (total - done) as f64;
+                eprint!("\r{done}/{total} rows, {elapsed:.0} s elapsed, ETA {eta:.0} s   ");
+                if done == total {
+                    eprintln!();
+                }
+            }
+        },
+    );
+    print!("{}", crate::detector::eval::table(&report));
+    if args.sweep {
+        match crate::detector::metrics::best_f1_threshold(&scored, 0.05) {
+            Some((t, f1)) => {
+                println!("sweep: threshold {t:.4} maximises F1 ({f1:.3}) with FPR <= 5 %")
+            }
+            None => println!("sweep: no threshold keeps FPR <= 5 % with a defined F1"),
+        }
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(ExitCode::Ok)
 }
 
 /// `promptgate serve`: loads the model, takes or binds the socket, serves

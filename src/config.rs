@@ -44,6 +44,31 @@ pub enum Commands {
     Classify(ClassifyArgs),
     /// Run the daemon on a Unix socket.
     Serve(ServeArgs),
+    /// Measure detection quality on labelled JSONL through the daemon's scoring path.
+    Eval(EvalArgs),
+}
+
+/// `promptgate eval`.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// The model.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Labelled rows: JSON Lines of `{"text", "label": "malicious"|"benign", "source"?, "category"?}`.
+    #[arg(long, env = "PROMPTGATE_EVAL_DATA")]
+    pub data: std::path::PathBuf,
+    /// Threshold on P(malicious); the model's default when absent.
+    #[arg(long, env = "PROMPTGATE_THRESHOLD")]
+    pub threshold: Option<f64>,
+    /// Write the report as JSON to this path.
+    #[arg(long, env = "PROMPTGATE_EVAL_JSON")]
+    pub json: Option<std::path::PathBuf>,
+    /// Also print the threshold that maximises F1 with a false-positive rate of at most 5 %.
+    #[arg(long, env = "PROMPTGATE_EVAL_SWEEP")]
+    pub sweep: bool,
+    /// Score only every k-th row so that about this many rows are used (0: all).
+    #[arg(long, env = "PROMPTGATE_EVAL_LIMIT", default_value_t = 0)]
+    pub limit: usize,
 }
 
 /// Which model to load and how to run it.

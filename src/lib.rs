@@ -10,6 +10,7 @@
 
 pub mod app;
 pub mod config;
+pub mod detector;
 pub mod engine;
 pub mod listener;
 pub mod normalize;

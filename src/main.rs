@@ -27,6 +27,7 @@ fn main() -> std::process::ExitCode {
     let result = match &cli.command {
         Commands::Classify(args) => app::classify(args),
         Commands::Serve(args) => app::serve(args),
+        Commands::Eval(args) => app::eval(args),
     };
     let code = result.unwrap_or_else(|e| {
         tracing::error!("{e:#}");
