@@ -521,7 +521,11 @@ impl tokio_util::codec::Decoder for LineCodec {
 
     fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, std::io::Error> {
         let frame = self.decode_inner(buf);
-        if buf.is_empty() && !self.discarding {
+        let complete_line_waiting =
+            matches!(frame, Ok(Some(_))) && !self.discarding && buf.contains(&b'\n');
+        if (buf.is_empty() && !self.discarding) || complete_line_waiting {
+            // Nothing partial, or whole lines waiting for the reader (say,
+            // behind --max-in-flight): the sender is not slow.
             self.partial_since = None;
         } else if matches!(frame, Ok(Some(_))) || self.partial_since.is_none() {
             // A new partial line starts now (or a discarded one goes on).

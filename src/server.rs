@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde_json::{json, Value};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::codec::FramedRead;
@@ -360,6 +360,16 @@ async fn refuse(mut stream: UnixStream, shared: &Shared, kind: ErrorType, messag
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         let _ = stream.write_all(&line).await;
         let _ = stream.shutdown().await;
+        // Read (and drop) what the client already sent, briefly: closing with
+        // unread data resets the peer, which can lose the line just written.
+        let mut sink = [0u8; 8192];
+        let mut budget: usize = 64 * 1024;
+        while budget > 0 {
+            match tokio::time::timeout(Duration::from_millis(100), stream.read(&mut sink)).await {
+                Ok(Ok(n)) if n > 0 => budget = budget.saturating_sub(n),
+                _ => break,
+            }
+        }
     })
     .await;
 }
@@ -405,7 +415,20 @@ async fn handle_connection(
         let mut idle_since = Instant::now();
         let mut drain_budget: Option<usize> = None;
         loop {
-            let Ok(permit) = permits.clone().acquire_owned().await else {
+            // Wait for a slot; if shutdown starts meanwhile, fix the drain
+            // budget now, not when a slot frees.
+            let permit = loop {
+                tokio::select! {
+                    biased;
+                    p = permits.clone().acquire_owned() => break p,
+                    () = shared.draining.cancelled(), if drain_budget.is_none() => {
+                        drain_budget = Some(
+                            queued_bytes(frames.get_ref().as_ref()) + frames.read_buffer().len(),
+                        );
+                    }
+                }
+            };
+            let Ok(permit) = permit else {
                 break;
             };
             let frame = if shared.draining.is_cancelled() {
@@ -449,6 +472,8 @@ async fn handle_connection(
                         None => recheck,
                     };
                     tokio::select! {
+                        // A line already buffered wins over an expired timer.
+                        biased;
                         f = frames.next() => break Ok(f),
                         () = tokio::time::sleep_until(sleep_until.into()) => {
                             if let Some((at, kind)) = deadline {

@@ -620,3 +620,58 @@ async fn hidden_attacks_are_normalised_before_scoring() {
     assert!(v.get("normalized").is_none(), "{v}");
     assert!(d.stop().await);
 }
+
+/// Regression: complete lines waiting behind a full --max-in-flight were
+/// timed as a slow sender's partial line, and the timer could win the race.
+#[tokio::test]
+async fn regression_pipelined_lines_behind_the_in_flight_cap_are_not_slow() {
+    let d = Daemon::start(
+        16,
+        ServerConfig {
+            line_timeout: Duration::from_millis(200),
+            max_in_flight_per_connection: 1,
+            ..ServerConfig::default()
+        },
+    )
+    .await;
+    let mut c = d.connect().await;
+    let mut lines = Vec::new();
+    for i in 0..4 {
+        lines.extend_from_slice(
+            json!({"id": i, "text": "sleep:300 hello"})
+                .to_string()
+                .as_bytes(),
+        );
+        lines.push(b'\n');
+    }
+    c.w.write_all(&lines).await.unwrap();
+    for i in 0..4 {
+        let v = c.recv().await;
+        assert_eq!(v["id"], i, "{v}");
+        assert_eq!(v["label"], "benign", "{v}");
+    }
+    assert!(d.stop().await);
+}
+
+/// Regression: a refused client that had already sent its request could be
+/// reset before it read the refusal line.
+#[tokio::test]
+async fn regression_refusal_line_survives_a_request_already_sent() {
+    let d = Daemon::start(
+        16,
+        ServerConfig {
+            max_connections: 1,
+            ..ServerConfig::default()
+        },
+    )
+    .await;
+    let mut holder = d.connect().await;
+    assert_eq!(holder.ask("hold the slot").await["label"], "benign");
+    for _ in 0..20 {
+        let mut c = d.connect().await;
+        c.send(br#"{"id":1,"text":"let me in"}"#).await;
+        let v = c.recv().await;
+        assert_eq!(err_type(&v), "too_many_connections");
+    }
+    assert!(d.stop().await);
+}
