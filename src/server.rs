@@ -513,6 +513,12 @@ async fn handle_connection(
                 }
             };
             idle_since = Instant::now();
+            // One near-limit line must not pin a megabyte to an idle
+            // connection: give back a large read buffer once it is empty.
+            let buffer = frames.read_buffer_mut();
+            if buffer.is_empty() && buffer.capacity() > 64 * 1024 {
+                *buffer = bytes::BytesMut::new();
+            }
             let pending = match frame {
                 None => break,
                 Some(Err(e)) => {
