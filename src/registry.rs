@@ -181,6 +181,13 @@ fn list(dir: &Path, pinned: Option<&str>) -> std::io::Result<Vec<(String, PathBu
     Ok(out)
 }
 
+/// Whether `path` still has fingerprint `fp` after a short pause (100 ms): a
+/// file that grows or is replaced meanwhile is still being written.
+fn settled(path: &Path, fp: Fingerprint) -> bool {
+    std::thread::sleep(Duration::from_millis(100));
+    std::fs::metadata(path).is_ok_and(|m| Fingerprint::of(&m) == fp)
+}
+
 /// The model files to try, in the rule's order, for one-shot use (`classify`).
 ///
 /// # Errors
@@ -291,6 +298,12 @@ impl Registry {
         };
         let mut failures = Vec::new();
         for (name, path, fp) in to_try {
+            // A file still being written changes under us: leave it pending;
+            // its close-after-write (or the next poll) brings it back.
+            if !settled(&path, fp) {
+                tracing::debug!(model = %name, "still being written; not loaded yet");
+                continue;
+            }
             match self.try_swap(&name, &path, fp) {
                 Ok(()) => {
                     if failures.is_empty() {
