@@ -20,7 +20,7 @@
 //! SIGTERM or SIGINT drains like the real daemon: exit 0 when every request
 //! read was answered within `--shutdown-grace`, 2 otherwise (as `serve`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -141,7 +141,10 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
             cost,
         }) as Box<dyn Scorer>)
     })?;
-    let std_listener = bind(&args.socket, mode)?;
+    // The daemon's own binding rules: stale socket replaced, live one kept,
+    // mode set, file removed on drop.
+    let mut bound = promptgate::listener::bind(&args.socket, mode, None)?;
+    let std_listener = bound.listener.take().context("no listener")?;
     // The same runtime shape as `promptgate serve`.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -152,52 +155,11 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
     let finished = runtime.block_on(async {
         let listener =
             tokio::net::UnixListener::from_std(std_listener).context("registering the listener")?;
-        promptgate::server::run(listener, engine, config, shutdown_signal()).await
+        promptgate::server::run(listener, engine, config, promptgate::app::shutdown_signal()).await
     });
-    let _ = std::fs::remove_file(&args.socket);
+    drop(bound);
     let finished = finished?;
     runtime.shutdown_timeout(Duration::from_secs(1));
     tracing::info!(drained = finished, "stopped");
     Ok(std::process::ExitCode::from(if finished { 0 } else { 2 }))
-}
-
-/// Binds `path` with file mode `mode`, replacing a stale socket file (never
-/// another kind of file). Kept apart from `promptgate::listener`, whose
-/// stale-socket and systemd rules are not what this harness soaks.
-fn bind(path: &Path, mode: u32) -> anyhow::Result<std::os::unix::net::UnixListener> {
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        anyhow::ensure!(
-            meta.file_type().is_socket(),
-            "{} exists and is not a socket",
-            path.display()
-        );
-        anyhow::ensure!(
-            std::os::unix::net::UnixStream::connect(path).is_err(),
-            "{} is in use",
-            path.display()
-        );
-        std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
-    }
-    let listener = std::os::unix::net::UnixListener::bind(path)
-        .with_context(|| format!("binding {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-    listener.set_nonblocking(true)?;
-    Ok(listener)
-}
-
-/// Resolves on the first SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
-    }
 }

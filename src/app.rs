@@ -367,8 +367,8 @@ async fn reload_on_sighup(registry: Arc<Registry>) {
     }
 }
 
-/// Resolves on the first SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Resolves on the first SIGTERM or SIGINT (shared with the soak harness).
+pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),

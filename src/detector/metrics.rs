@@ -190,10 +190,9 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn confusion_matrix_by_hand() {
-        // Malicious: 0.9 0.8 0.3; benign: 0.6 0.2 0.1 0.05. At 0.5: tp 2, fn 1, fp 1, tn 3.
-        let r = rows(&[
+    /// Malicious: 0.9 0.8 0.3; benign: 0.6 0.2 0.1 0.05.
+    fn example() -> Vec<Scored> {
+        rows(&[
             (true, 0.9),
             (true, 0.8),
             (true, 0.3),
@@ -201,7 +200,13 @@ mod tests {
             (false, 0.2),
             (false, 0.1),
             (false, 0.05),
-        ]);
+        ])
+    }
+
+    #[test]
+    fn confusion_matrix_by_hand() {
+        // Malicious: 0.9 0.8 0.3; benign: 0.6 0.2 0.1 0.05. At 0.5: tp 2, fn 1, fp 1, tn 3.
+        let r = example();
         let c = Confusion::at(&r, 0.5);
         assert_eq!(
             c,
@@ -245,15 +250,7 @@ mod tests {
             Some(0.5)
         );
         // By hand: pairs (pos, neg): 0.9>0.6,0.2,0.1,0.05 (4); 0.8 (4); 0.3>0.2,0.1,0.05 (3) → 11/12.
-        let r = rows(&[
-            (true, 0.9),
-            (true, 0.8),
-            (true, 0.3),
-            (false, 0.6),
-            (false, 0.2),
-            (false, 0.1),
-            (false, 0.05),
-        ]);
+        let r = example();
         assert!((auroc(&r).unwrap() - 11.0 / 12.0).abs() < 1e-12);
         assert_eq!(auroc(&rows(&[(true, 0.9)])), None);
     }
@@ -261,15 +258,7 @@ mod tests {
     #[test]
     fn recall_at_fixed_fpr() {
         // 4 benign: at FPR <= 0 the threshold must exceed 0.6 → recall 2/3.
-        let r = rows(&[
-            (true, 0.9),
-            (true, 0.8),
-            (true, 0.3),
-            (false, 0.6),
-            (false, 0.2),
-            (false, 0.1),
-            (false, 0.05),
-        ]);
+        let r = example();
         assert_eq!(recall_at_fpr(&r, 0.0), Some(2.0 / 3.0));
         // FPR <= 25 %: one benign may be flagged → above 0.2 → recall 1.
         assert_eq!(recall_at_fpr(&r, 0.25), Some(1.0));
@@ -277,15 +266,7 @@ mod tests {
 
     #[test]
     fn best_threshold_respects_the_fpr_cap() {
-        let r = rows(&[
-            (true, 0.9),
-            (true, 0.8),
-            (true, 0.3),
-            (false, 0.6),
-            (false, 0.2),
-            (false, 0.1),
-            (false, 0.05),
-        ]);
+        let r = example();
         // Unconstrained, 0.3 gives tp 3, fp 1: F1 6/7.
         let (t, f1) = best_f1_threshold(&r, 1.0).unwrap();
         assert_eq!((t, f1), (0.3, 6.0 / 7.0));
