@@ -1,7 +1,7 @@
 //! The subcommands, wired from their parts. `main` calls one function here per
 //! subcommand and turns its [`ExitCode`] into the process status.
 
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{BufRead, Write};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,7 +46,7 @@ impl ModelArgs {
     fn load(&self) -> anyhow::Result<LlamaScorer> {
         let mut refused = Vec::new();
         for path in crate::registry::candidates_by_rule(&self.models_dir, self.model.as_deref())? {
-            match LlamaScorer::load(&path, self.llama_config()) {
+            match load_model(&path, &self.models_dir, self.llama_config()) {
                 Ok(s) => return Ok(s),
                 Err(e) => {
                     tracing::warn!(error = %e, "model refused");
@@ -55,6 +55,23 @@ impl ModelArgs {
             }
         }
         anyhow::bail!("no model could be loaded: {}", refused.join("; "))
+    }
+}
+
+/// Loads a servable unit: a detector file (with its base GGUF, found next to
+/// it or in `models_dir`) or a bare GGUF with its zero-shot profile.
+///
+/// # Errors
+/// The engine's load errors; a detector whose base is missing or differs.
+pub fn load_model(
+    path: &Path,
+    models_dir: &Path,
+    config: LlamaConfig,
+) -> Result<LlamaScorer, crate::engine::EngineError> {
+    if crate::detector::file::is_detector_path(path) {
+        crate::detector::file::load_scorer(path, Some(models_dir), config)
+    } else {
+        LlamaScorer::load(path, config)
     }
 }
 
@@ -156,6 +173,15 @@ fn classify_one(
     }
 }
 
+/// Runs `promptgate train`: fits a detector and writes its file.
+///
+/// # Errors
+/// Unreadable data or base model, or an unwritable output.
+pub fn train(args: &crate::config::TrainArgs) -> anyhow::Result<ExitCode> {
+    crate::detector::train::run(args)?;
+    Ok(ExitCode::Ok)
+}
+
 /// `promptgate eval`: scores labelled rows, prints a table, writes JSON.
 ///
 /// # Errors
@@ -174,24 +200,15 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<ExitCode> {
         rows = rows.into_iter().step_by(step).collect();
     }
     let mut scorer = args.model.load()?;
-    let started = Instant::now();
-    let tty = std::io::stderr().is_terminal();
+    let bar = crate::detector::train::progress_bar(rows.len() as u64, "eval");
     let (report, scored) = crate::detector::eval::evaluate(
         &mut scorer,
         &rows,
         args.threshold,
         &args.data.display().to_string(),
-        |done, total| {
-            if tty && (done % 10 == 0 || done == total) {
-                let elapsed = started.elapsed().as_secs_f64();
-                let eta = elapsed / done as f64 * (total - done) as f64;
-                eprint!("\r{done}/{total} rows, {elapsed:.0} s elapsed, ETA {eta:.0} s   ");
-                if done == total {
-                    eprintln!();
-                }
-            }
-        },
+        |done, _| bar.set_position(done as u64),
     );
+    bar.finish_and_clear();
     print!("{}", crate::detector::eval::table(&report));
     if args.sweep {
         match crate::detector::metrics::best_f1_threshold(&scored, 0.05) {
@@ -203,6 +220,10 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.plot {
+        crate::detector::plot::write_svg(path, &scored, report.threshold, &report.model.name)
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(ExitCode::Ok)
@@ -221,8 +242,9 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let config = args.model.llama_config();
+    let models_dir = args.model.models_dir.clone();
     let loader: Loader = Arc::new(move |path: &Path| {
-        Ok(Box::new(LlamaScorer::load(path, config.clone())?) as Box<dyn Scorer>)
+        Ok(Box::new(load_model(path, &models_dir, config.clone())?) as Box<dyn Scorer>)
     });
     let watch = match args.watch {
         WatchArg::Notify => WatchMode::Notify,

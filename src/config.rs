@@ -46,6 +46,70 @@ pub enum Commands {
     Serve(ServeArgs),
     /// Measure detection quality on labelled JSONL through the daemon's scoring path.
     Eval(EvalArgs),
+    /// Fit a detector (a classifier head on the base model's hidden states)
+    /// and write it as a detector file next to the base GGUF.
+    Train(TrainArgs),
+}
+
+/// `promptgate train`.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Labelled training rows (JSON Lines, as for `eval`); repeat to add files.
+    #[arg(
+        long,
+        env = "PROMPTGATE_TRAIN_DATA",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub data: Vec<PathBuf>,
+    /// Labelled rows from the same sources, held apart: candidates and the threshold are chosen on them.
+    #[arg(long, env = "PROMPTGATE_TRAIN_DEV")]
+    pub dev: PathBuf,
+    /// The base GGUF whose hidden states are the features.
+    #[arg(long, env = "PROMPTGATE_TRAIN_BASE")]
+    pub base: PathBuf,
+    /// Output path without extension: writes OUT.detector.json.
+    #[arg(long, env = "PROMPTGATE_TRAIN_OUT")]
+    pub out: PathBuf,
+    /// Candidate layers (il, from 0), all extracted in one pass; the head is fitted on each.
+    #[arg(long, env = "PROMPTGATE_TRAIN_LAYERS", value_delimiter = ',')]
+    pub layers: Option<Vec<u32>>,
+    /// Prompt tokens per window.
+    #[arg(long, env = "PROMPTGATE_TRAIN_WINDOW_TOKENS", default_value_t = 256)]
+    pub window_tokens: usize,
+    /// At most this many training rows per (source, label) group (0: all), drawn with --seed.
+    #[arg(long, env = "PROMPTGATE_TRAIN_PER_GROUP", default_value_t = 400)]
+    pub per_group: usize,
+    /// At most this many dev rows (0: all), stratified by (source, label), drawn with --seed.
+    #[arg(long, env = "PROMPTGATE_TRAIN_DEV_LIMIT", default_value_t = 0)]
+    pub dev_limit: usize,
+    /// Seed for sampling rows.
+    #[arg(long, env = "PROMPTGATE_TRAIN_SEED", default_value_t = 42)]
+    pub seed: u64,
+    /// L2 penalties tried for the head.
+    #[arg(
+        long,
+        env = "PROMPTGATE_TRAIN_L2",
+        value_delimiter = ',',
+        default_value = "0.0001,0.001,0.01,0.1"
+    )]
+    pub l2: Vec<f64>,
+    /// The threshold maximises dev F1 subject to a dev false-positive rate at most this.
+    #[arg(long, env = "PROMPTGATE_TRAIN_MAX_FPR", default_value_t = 0.03)]
+    pub max_fpr: f64,
+    /// Where extracted features are cached (keyed by model sha256, settings and text).
+    #[arg(
+        long,
+        env = "PROMPTGATE_FEATURE_CACHE",
+        default_value = ".cache/features"
+    )]
+    pub cache_dir: PathBuf,
+    /// CPU threads for the base model (default: all cores).
+    #[arg(long, env = "PROMPTGATE_THREADS")]
+    pub threads: Option<usize>,
+    /// Only extract (and cache) features; fit nothing.
+    #[arg(long, env = "PROMPTGATE_TRAIN_EXTRACT_ONLY")]
+    pub extract_only: bool,
 }
 
 /// `promptgate eval`.
@@ -63,6 +127,9 @@ pub struct EvalArgs {
     /// Write the report as JSON to this path.
     #[arg(long, env = "PROMPTGATE_EVAL_JSON")]
     pub json: Option<std::path::PathBuf>,
+    /// Draw the ROC curve and the score histogram per label to this SVG file.
+    #[arg(long, env = "PROMPTGATE_EVAL_PLOT")]
+    pub plot: Option<std::path::PathBuf>,
     /// Also print the threshold that maximises F1 with a false-positive rate of at most 5 %.
     #[arg(long, env = "PROMPTGATE_EVAL_SWEEP")]
     pub sweep: bool,

@@ -28,6 +28,7 @@ fn main() -> std::process::ExitCode {
         Commands::Classify(args) => app::classify(args),
         Commands::Serve(args) => app::serve(args),
         Commands::Eval(args) => app::eval(args),
+        Commands::Train(args) => app::train(args),
     };
     let code = result.unwrap_or_else(|e| {
         tracing::error!("{e:#}");

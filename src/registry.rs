@@ -12,7 +12,11 @@
 //!   not tried again until it changes. If the serving file is deleted or
 //!   overwritten with something invalid, the model already in memory (loaded
 //!   without mmap) keeps serving.
-//! - Candidates are `*.gguf` files; dotfiles and `*.part`, `*.partial`,
+//! - Candidates are `*.gguf` files and trained detectors (`*.detector.json`,
+//!   a head on a base GGUF; see docs/detector.md). A detector ranks above any
+//!   bare GGUF: a bare GGUF (zero-shot) serves only when no detector in the
+//!   directory loads, and a newer bare GGUF never replaces a serving detector.
+//!   Within a rank the newest serves. Dotfiles and `*.part`, `*.partial`,
 //!   `*.tmp` are never looked at, so a download can be written under such a
 //!   name and renamed into place.
 //!
@@ -136,7 +140,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// dotfile (partial downloads end in `.part`, `.partial` or `.tmp` and so are
 /// not `.gguf`).
 pub fn is_candidate(name: &str) -> bool {
-    !name.starts_with('.') && name.ends_with(".gguf")
+    !name.starts_with('.')
+        && (name.ends_with(".gguf") || name.ends_with(crate::detector::file::SUFFIX))
+}
+
+/// 1 for a trained detector file, 0 for a bare GGUF: detectors serve first.
+fn rank(name: &str) -> u8 {
+    u8::from(name.ends_with(crate::detector::file::SUFFIX))
 }
 
 fn skip_name(name: &str) -> bool {
@@ -176,8 +186,13 @@ fn list(dir: &Path, pinned: Option<&str>) -> std::io::Result<Vec<(String, PathBu
             out.push((name, path, Fingerprint::of(&meta)));
         }
     }
-    // Newest first by ctime, ties by name (last first).
-    out.sort_by(|a, b| b.2.ctime_ns.cmp(&a.2.ctime_ns).then_with(|| b.0.cmp(&a.0)));
+    // Detectors first, then newest first by ctime, ties by name (last first).
+    out.sort_by(|a, b| {
+        rank(&b.0)
+            .cmp(&rank(&a.0))
+            .then_with(|| b.2.ctime_ns.cmp(&a.2.ctime_ns))
+            .then_with(|| b.0.cmp(&a.0))
+    });
     Ok(out)
 }
 
@@ -289,7 +304,8 @@ impl Registry {
                         .as_ref()
                         .is_some_and(|a| &a.name == name && &a.fingerprint == fp);
                     let newer = active.as_ref().is_none_or(|a| {
-                        self.config.pinned.is_some() || fp.ctime_ns > a.fingerprint.ctime_ns
+                        self.config.pinned.is_some()
+                            || (rank(name), fp.ctime_ns) > (rank(&a.name), a.fingerprint.ctime_ns)
                     });
                     !known_bad && !is_active && newer
                 })
@@ -753,6 +769,9 @@ mod tests {
         assert!(!is_candidate("model.gguf.partial"));
         assert!(!is_candidate("model.gguf.tmp"));
         assert!(!is_candidate("README.md"));
+        assert!(is_candidate("head.detector.json"));
+        assert!(!is_candidate(".head.detector.json"));
+        assert!(!is_candidate("head.detector.json.part"));
     }
 
     #[test]

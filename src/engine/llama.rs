@@ -26,6 +26,7 @@ use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::token::LlamaToken;
 use sha2::{Digest, Sha256};
 
+use super::capture::{self, Capture, CaptureBox};
 use super::profile::{self, ModelMeta, Profile, TemplateSource, TEXT_SLOT};
 use super::windows::windows;
 use super::{EngineError, Score, Scorer};
@@ -54,6 +55,53 @@ impl Default for LlamaConfig {
             max_prompt_tokens: 32_768,
         }
     }
+}
+
+/// How hidden states are pooled over one window into a feature vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooling {
+    /// The state at the verdict position: the last token of the instruction
+    /// template, after the prompt (instruction-templated last token).
+    Last,
+    /// The mean of the states of the prompt's own tokens in the window.
+    Mean,
+}
+
+/// Which hidden states make a detector's features.
+///
+/// The feature vector of one window is, for each layer in `layers` (in the
+/// given order) and each pooling in `pooling` (in the given order), that
+/// layer's `n_embd` floats: `layers.len() * pooling.len() * n_embd` floats.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FeatureSpec {
+    /// Layer indices (`il`, from 0, below `n_layer - 1`): the output of that
+    /// transformer block (`l_out-{il}` in llama.cpp's graph).
+    pub layers: Vec<u32>,
+    /// Poolings taken of each layer.
+    pub pooling: Vec<Pooling>,
+    /// Prompt tokens per window. Longer prompts are covered by overlapping
+    /// windows (see [`super::windows`]) and the highest window score wins.
+    pub window_tokens: usize,
+}
+
+/// A head that maps one window's features to P(malicious).
+pub trait FeatureHead: Send {
+    /// P(malicious) in `[0, 1]` for one feature vector.
+    fn predict(&self, features: &[f32]) -> f64;
+}
+
+/// A trained detector for [`LlamaScorer::load_detector`]: features, head,
+/// and how it is named in answers.
+pub struct DetectorParts {
+    /// Which hidden states to read.
+    pub features: FeatureSpec,
+    /// The head applied to each window's features.
+    pub head: Box<dyn FeatureHead>,
+    /// The threshold chosen on dev data.
+    pub threshold: f64,
+    /// Named in answers: the detector file and its sha256.
+    pub model_ref: ModelRef,
 }
 
 /// The process-wide llama.cpp backend: `llama_backend_init` may run only once.
@@ -175,6 +223,12 @@ pub struct LlamaScorer {
     /// False for recurrent and hybrid models, whose memory cannot be trimmed to a position.
     prefix_reuse: bool,
     path: PathBuf,
+    /// Features read from hidden states, when this scorer extracts them.
+    features: Option<FeatureSpec>,
+    /// The head and threshold of a trained detector.
+    head: Option<(Box<dyn FeatureHead>, f64)>,
+    /// Declared after `ctx`: llama.cpp's eval callback points into it.
+    capture: CaptureBox,
 }
 
 impl LlamaScorer {
@@ -186,6 +240,45 @@ impl LlamaScorer {
     /// [`EngineError::Load`] for unreadable or invalid files,
     /// [`EngineError::Unsupported`] when the profile cannot be applied.
     pub fn load(path: &Path, config: LlamaConfig) -> Result<LlamaScorer, EngineError> {
+        Self::load_inner(path, config, None)
+    }
+
+    /// Loads `path` as a feature extractor: [`LlamaScorer::features`] returns
+    /// the hidden states `spec` names, and the forward pass stops after the
+    /// deepest layer it reads (so the logits are not computed).
+    ///
+    /// # Errors
+    /// As [`LlamaScorer::load`]; [`EngineError::Unsupported`] when a layer is
+    /// out of range.
+    pub fn load_features(
+        path: &Path,
+        config: LlamaConfig,
+        spec: FeatureSpec,
+    ) -> Result<LlamaScorer, EngineError> {
+        Self::load_inner(path, config, Some(spec))
+    }
+
+    /// Loads a trained detector on its base GGUF `path`. The caller has checked
+    /// the base's sha256 against the detector file.
+    ///
+    /// # Errors
+    /// As [`LlamaScorer::load_features`].
+    pub fn load_detector(
+        path: &Path,
+        config: LlamaConfig,
+        parts: DetectorParts,
+    ) -> Result<LlamaScorer, EngineError> {
+        let mut scorer = Self::load_inner(path, config, Some(parts.features))?;
+        scorer.head = Some((parts.head, parts.threshold));
+        scorer.model_ref = parts.model_ref;
+        Ok(scorer)
+    }
+
+    fn load_inner(
+        path: &Path,
+        config: LlamaConfig,
+        features: Option<FeatureSpec>,
+    ) -> Result<LlamaScorer, EngineError> {
         let load_err = |reason: String| EngineError::Load {
             path: path.display().to_string(),
             reason,
@@ -251,23 +344,64 @@ impl LlamaScorer {
             ));
         }
 
-        let n_ctx = config.n_ctx.min(model.n_ctx_train()).max(1);
         let overhead = prefix.len() + suffix.len();
+        let n_ctx = match &features {
+            // A detector's window is fixed by its training; the context holds
+            // exactly template plus one window, decoded in one ubatch.
+            Some(spec) => u32::try_from(overhead + spec.window_tokens).unwrap_or(u32::MAX),
+            None => config.n_ctx,
+        }
+        .min(model.n_ctx_train())
+        .max(1);
         let window_tokens = (n_ctx as usize).saturating_sub(overhead);
+        if let Some(spec) = &features {
+            let n_layer = model.n_layer();
+            if spec.layers.is_empty() || spec.pooling.is_empty() {
+                return Err(unsupported(
+                    "a feature spec needs a layer and a pooling".into(),
+                ));
+            }
+            if let Some(bad) = spec.layers.iter().find(|&&l| l + 1 >= n_layer) {
+                return Err(unsupported(format!(
+                    "layer {bad} is out of range: this model has {n_layer} layers and the last cannot be read (use 0..{})",
+                    n_layer.saturating_sub(1)
+                )));
+            }
+            if window_tokens < spec.window_tokens {
+                return Err(unsupported(format!(
+                    "the model's n_ctx_train {} cannot hold a {}-token window after the {overhead}-token template",
+                    model.n_ctx_train(),
+                    spec.window_tokens
+                )));
+            }
+        }
         if window_tokens < 16 {
             return Err(unsupported(format!(
                 "n_ctx {n_ctx} leaves {window_tokens} tokens for the prompt after the {overhead}-token template; raise --n-ctx"
             )));
         }
         let threads = i32::try_from(config.threads.max(1)).unwrap_or(i32::MAX);
+        let capture = CaptureBox::new(Capture::new(
+            features.as_ref().map_or(&[][..], |s| s.layers.as_slice()),
+        ));
+        let n_ubatch = if features.is_some() {
+            n_ctx
+        } else {
+            n_ctx.min(512)
+        };
         let ctx_params = LlamaContextParams::default()
             .with_n_ctx(NonZeroU32::new(n_ctx))
             .with_n_batch(n_ctx)
-            .with_n_ubatch(n_ctx.min(512))
+            .with_n_ubatch(n_ubatch)
             .with_n_seq_max(1)
             .with_swa_full(true)
             .with_n_threads(threads)
             .with_n_threads_batch(threads);
+        let ctx_params = if features.is_some() {
+            capture::with_eval_callback(ctx_params, &capture).map_err(unsupported)?
+        } else {
+            ctx_params
+        };
         // SAFETY: the context borrows the model, which lives in an `Arc` held by
         // the same struct and declared after `ctx`, so it outlives the context.
         let model_static: &'static LlamaModel = unsafe { &*Arc::as_ptr(&model) };
@@ -290,6 +424,9 @@ impl LlamaScorer {
             prefix_cached: false,
             prefix_reuse,
             path: path.to_path_buf(),
+            features,
+            head: None,
+            capture,
         };
         if scorer.prefix_reuse {
             scorer.cache_prefix()?;
@@ -309,6 +446,51 @@ impl LlamaScorer {
     /// The profile in use.
     pub fn profile(&self) -> &Profile {
         &self.profile
+    }
+
+    /// Hex sha256 of the template around the prompt: the profile name and the
+    /// token ids of the prefix and suffix. A detector's features are only
+    /// valid under the template it was trained with.
+    pub fn template_sha256(&self) -> String {
+        let mut h = Sha256::new();
+        h.update(self.profile.name.as_bytes());
+        for part in [&self.prefix, &self.suffix] {
+            h.update((part.len() as u64).to_le_bytes());
+            for t in part {
+                h.update(t.0.to_le_bytes());
+            }
+        }
+        hex::encode(h.finalize())
+    }
+
+    /// Hex sha256 of the GGUF file.
+    pub fn model_sha256(&self) -> &str {
+        &self.model_ref.sha256
+    }
+
+    /// Feature vectors of the first `max_windows` windows of `text` only (the
+    /// training path: one window per row), and its token count.
+    ///
+    /// # Errors
+    /// As [`LlamaScorer::features`].
+    pub fn features_head(
+        &mut self,
+        text: &str,
+        max_windows: usize,
+    ) -> Result<(Vec<Vec<f32>>, usize), EngineError> {
+        if self.features.is_none() {
+            return Err(EngineError::Unsupported {
+                model: self.model_ref.name.clone(),
+                reason: "loaded without a feature spec".into(),
+            });
+        }
+        let tokens = self.tokens_checked(text)?;
+        let ranges = windows(tokens.len(), self.window_tokens, self.config.window_overlap);
+        let mut out = Vec::new();
+        for r in ranges.iter().take(max_windows.max(1)) {
+            out.push(self.window_features(&tokens[r.clone()], self.prefix_reuse)?);
+        }
+        Ok((out, tokens.len()))
     }
 
     /// The loaded model.
@@ -333,6 +515,8 @@ impl LlamaScorer {
     }
 
     fn cache_prefix(&mut self) -> Result<(), EngineError> {
+        let stop = self.features.is_some();
+        self.capture.get().begin(false, stop, 0..0);
         self.ctx.clear_kv_cache();
         self.batch.clear();
         for (i, &t) in self.prefix.iter().enumerate() {
@@ -347,7 +531,7 @@ impl LlamaScorer {
         Ok(())
     }
 
-    fn score_with(&mut self, text: &str, use_cache: bool) -> Result<Score, EngineError> {
+    fn tokens_checked(&self, text: &str) -> Result<Vec<LlamaToken>, EngineError> {
         let tokens = self.tokenize_text(text);
         if tokens.len() > self.config.max_prompt_tokens {
             return Err(EngineError::InputTooLong {
@@ -355,11 +539,34 @@ impl LlamaScorer {
                 limit: self.config.max_prompt_tokens,
             });
         }
+        Ok(tokens)
+    }
+
+    fn score_with(&mut self, text: &str, use_cache: bool) -> Result<Score, EngineError> {
+        if self.features.is_some() && self.head.is_none() {
+            return Err(EngineError::Unsupported {
+                model: self.model_ref.name.clone(),
+                reason: "a feature extractor without a head cannot score".into(),
+            });
+        }
+        let tokens = self.tokens_checked(text)?;
         let ranges = windows(tokens.len(), self.window_tokens, self.config.window_overlap);
         let mut best = 0.0f64;
         for r in &ranges {
             super::watchdog_tick();
-            let p = self.score_window(&tokens[r.clone()], use_cache)?;
+            let window = &tokens[r.clone()];
+            let p = if self.head.is_some() {
+                let features = self.window_features(window, use_cache)?;
+                let (head, _) = self.head.as_ref().expect("checked above");
+                let p = head.predict(&features);
+                if p.is_nan() {
+                    1.0 // fail closed
+                } else {
+                    p
+                }
+            } else {
+                self.score_window(window, use_cache)?
+            };
             best = best.max(p);
         }
         Ok(Score {
@@ -369,7 +576,23 @@ impl LlamaScorer {
         })
     }
 
-    fn score_window(&mut self, window: &[LlamaToken], use_cache: bool) -> Result<f64, EngineError> {
+    /// The feature vectors of `text`, one per window (see [`FeatureSpec`]),
+    /// and its token count.
+    ///
+    /// # Errors
+    /// [`EngineError::Unsupported`] if this scorer was not loaded with a
+    /// feature spec; otherwise as [`Scorer::score`].
+    pub fn features(&mut self, text: &str) -> Result<(Vec<Vec<f32>>, usize), EngineError> {
+        self.features_head(text, usize::MAX)
+    }
+
+    /// Decodes one window after the prefix (cached or not), marking only the
+    /// verdict position for output. Returns the batch index where the window starts.
+    fn decode_window(
+        &mut self,
+        window: &[LlamaToken],
+        use_cache: bool,
+    ) -> Result<usize, EngineError> {
         let infer = |e: String| EngineError::Inference(e);
         let start = if use_cache {
             if !self.prefix_cached {
@@ -399,9 +622,55 @@ impl LlamaScorer {
                 .add(t, pos(start + i), &[0], i + 1 == n)
                 .map_err(|e| infer(e.to_string()))?;
         }
+        let text_start = head.len();
+        let record = self.features.is_some();
+        self.capture
+            .get()
+            .begin(record, record, text_start..text_start + window.len());
         self.ctx
             .decode(&mut self.batch)
             .map_err(|e| infer(format!("decode: {e}")))?;
+        Ok(text_start)
+    }
+
+    fn window_features(
+        &mut self,
+        window: &[LlamaToken],
+        use_cache: bool,
+    ) -> Result<Vec<f32>, EngineError> {
+        self.decode_window(window, use_cache)?;
+        let spec = self.features.clone().expect("feature scorer");
+        let cap = self.capture.get();
+        if let Some(e) = cap.error.take() {
+            return Err(EngineError::Inference(e));
+        }
+        let mut out = Vec::new();
+        for layer in &spec.layers {
+            let rows = cap
+                .rows
+                .iter()
+                .find(|r| r.layer == *layer)
+                .filter(|r| !r.last.is_empty())
+                .ok_or_else(|| {
+                    EngineError::Inference(format!(
+                        "layer {layer}'s output (l_out-{layer}) was not seen in the graph"
+                    ))
+                })?;
+            for p in &spec.pooling {
+                match p {
+                    Pooling::Last => out.extend_from_slice(&rows.last),
+                    Pooling::Mean => {
+                        let n = rows.count.max(1) as f32;
+                        out.extend(rows.sum.iter().map(|v| v / n));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn score_window(&mut self, window: &[LlamaToken], use_cache: bool) -> Result<f64, EngineError> {
+        self.decode_window(window, use_cache)?;
         let logits = self.ctx.get_logits_ith(self.batch.n_tokens() - 1);
         Ok(label_probability(
             logits,
@@ -417,7 +686,13 @@ impl Scorer for LlamaScorer {
     }
 
     fn default_threshold(&self) -> f64 {
-        self.profile.threshold
+        self.head
+            .as_ref()
+            .map_or(self.profile.threshold, |(_, t)| *t)
+    }
+
+    fn is_trained(&self) -> bool {
+        self.head.is_some()
     }
 
     /// `n_ctx` minus the template's tokens.

@@ -6,6 +6,7 @@
 //! thread by a factory closure and never leaves it. The queue is bounded:
 //! [`Engine::try_submit`] refuses at once when it is full, it never waits.
 
+pub mod capture;
 pub mod llama;
 pub mod profile;
 pub mod windows;

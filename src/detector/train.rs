@@ -1,0 +1,708 @@
+//! `promptgate train`: fit a head on a base GGUF's hidden states.
+//!
+//! 1. Rows are read from `--data` files and drawn per (source, label) group,
+//!    at most `--per-group` each (seeded), so no single source dominates; row
+//!    weights then give every group of a class the same total weight and the
+//!    two classes equal weight.
+//! 2. Features of every candidate layer (last token at the verdict position,
+//!    and the mean over the prompt's tokens) are extracted in one forward pass
+//!    per row through exactly the daemon's path (normalisation, template,
+//!    prefix KV cache, windows) and cached on disk (see [`FeatureCache`]).
+//!    Training uses the first window of a long prompt; serving scores every
+//!    window and takes the highest.
+//! 3. For each candidate (layer, pooling, L2 penalty) a logistic head is
+//!    fitted and scored on dev; the best dev F1 at a threshold whose dev
+//!    false-positive rate is at most `--max-fpr` wins (ties: higher AUROC).
+//! 4. The detector file is written with the chosen features, head, threshold,
+//!    provenance and every candidate's dev figures.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::eval::{read_rows, Row};
+use super::file::{Base, DataRef, DetectorFile, FeatureInfo, TrainingInfo, FORMAT};
+use super::head::{fit_logistic, FitParams, LogisticHead};
+use super::metrics::{auroc, best_f1_threshold, recall_at_fpr, Confusion, Scored};
+use crate::engine::llama::{sha256_file, FeatureSpec, LlamaConfig, LlamaScorer, Pooling};
+
+/// Version of the text normalisation and feature layout, part of the cache key.
+const FEATURE_VERSION: &str = "promptgate-features/1";
+
+/// A group key: (source, label).
+type Group = (String, String);
+
+/// Draws at most `per_group` rows of each (source, label) group with a
+/// seeded shuffle (0 keeps all). The result is in a stable order.
+pub fn sample_per_group(rows: &[Row], per_group: usize, seed: u64) -> Vec<Row> {
+    let mut groups: BTreeMap<Group, Vec<&Row>> = BTreeMap::new();
+    for r in rows {
+        groups
+            .entry((r.source.clone().unwrap_or_default(), r.label.clone()))
+            .or_default()
+            .push(r);
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut out = Vec::new();
+    for (_, mut g) in groups {
+        g.shuffle(&mut rng);
+        if per_group > 0 {
+            g.truncate(per_group);
+        }
+        out.extend(g.into_iter().cloned());
+    }
+    out
+}
+
+/// A stratified sample of about `limit` rows (0 keeps all): each
+/// (source, label) group keeps its share, at least one row.
+pub fn sample_stratified(rows: &[Row], limit: usize, seed: u64) -> Vec<Row> {
+    if limit == 0 || limit >= rows.len() {
+        return rows.to_vec();
+    }
+    let mut groups: BTreeMap<Group, Vec<&Row>> = BTreeMap::new();
+    for r in rows {
+        groups
+            .entry((r.source.clone().unwrap_or_default(), r.label.clone()))
+            .or_default()
+            .push(r);
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x05ee_dde7);
+    let mut out = Vec::new();
+    for (_, mut g) in groups {
+        g.shuffle(&mut rng);
+        let keep = ((g.len() * limit) as f64 / rows.len() as f64)
+            .ceil()
+            .max(1.0) as usize;
+        g.truncate(keep);
+        out.extend(g.into_iter().cloned());
+    }
+    out
+}
+
+/// Row weights: each (source, label) group of a class gets the same total,
+/// and the two classes get equal totals. Weights sum to the row count.
+pub fn balance_weights(rows: &[Row]) -> Vec<f64> {
+    let mut counts: HashMap<Group, usize> = HashMap::new();
+    for r in rows {
+        *counts
+            .entry((r.source.clone().unwrap_or_default(), r.label.clone()))
+            .or_default() += 1;
+    }
+    let groups_per_label = |label: &str| counts.keys().filter(|(_, l)| l == label).count().max(1);
+    let raw: Vec<f64> = rows
+        .iter()
+        .map(|r| {
+            let n = counts[&(r.source.clone().unwrap_or_default(), r.label.clone())];
+            0.5 / (groups_per_label(&r.label) as f64 * n as f64)
+        })
+        .collect();
+    let total: f64 = raw.iter().sum();
+    raw.iter().map(|w| w * rows.len() as f64 / total).collect()
+}
+
+/// Features extracted before, on disk: one append-only file per (model
+/// sha256, feature settings), records of `sha256(normalised text)` (32 bytes),
+/// the token count (u32 LE) and `dim` f32 LE values (the first window).
+pub struct FeatureCache {
+    path: PathBuf,
+    dim: usize,
+    map: HashMap<[u8; 32], (u32, Vec<f32>)>,
+    writer: Option<BufWriter<std::fs::File>>,
+}
+
+impl FeatureCache {
+    /// Opens (or creates) the cache for `key` under `dir`, reading what it holds.
+    /// A torn last record (an interrupted run) is ignored.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn open(dir: &Path, key: &str, dim: usize) -> anyhow::Result<FeatureCache> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let path = dir.join(format!("{key}.bin"));
+        let mut map = HashMap::new();
+        let rec = 32 + 4 + dim * 4;
+        if let Ok(f) = std::fs::File::open(&path) {
+            let mut r = BufReader::new(f);
+            let mut buf = vec![0u8; rec];
+            while r.read_exact(&mut buf).is_ok() {
+                let mut h = [0u8; 32];
+                h.copy_from_slice(&buf[..32]);
+                let tokens = u32::from_le_bytes(buf[32..36].try_into().expect("4 bytes"));
+                let v = buf[36..]
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+                    .collect();
+                map.insert(h, (tokens, v));
+            }
+        }
+        // Drop a torn tail so appends stay aligned.
+        if let Ok(meta) = std::fs::metadata(&path) {
+            let whole = meta.len() - meta.len() % rec as u64;
+            if whole != meta.len() {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)?
+                    .set_len(whole)?;
+            }
+        }
+        Ok(FeatureCache {
+            path,
+            dim,
+            map,
+            writer: None,
+        })
+    }
+
+    /// Cached features of a text hash.
+    pub fn get(&self, h: &[u8; 32]) -> Option<&(u32, Vec<f32>)> {
+        self.map.get(h)
+    }
+
+    /// Records features of a text hash.
+    ///
+    /// # Errors
+    /// I/O errors, or a vector of the wrong length.
+    pub fn put(&mut self, h: [u8; 32], tokens: u32, v: Vec<f32>) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            v.len() == self.dim,
+            "feature vector has {} values, expected {}",
+            v.len(),
+            self.dim
+        );
+        if self.writer.is_none() {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)?;
+            self.writer = Some(BufWriter::new(f));
+        }
+        let w = self.writer.as_mut().expect("opened above");
+        w.write_all(&h)?;
+        w.write_all(&tokens.to_le_bytes())?;
+        for x in &v {
+            w.write_all(&x.to_le_bytes())?;
+        }
+        self.map.insert(h, (tokens, v));
+        Ok(())
+    }
+
+    /// Flushes appended records.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn flush(&mut self) -> anyhow::Result<()> {
+        if let Some(w) = self.writer.as_mut() {
+            w.flush()?;
+        }
+        Ok(())
+    }
+
+    /// The cache file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// sha256 of a text as scored (after normalisation).
+pub fn text_hash(text: &str) -> [u8; 32] {
+    Sha256::digest(text.as_bytes()).into()
+}
+
+/// Extracts (or reads from the cache) the first-window features of `rows`.
+/// Rows that cannot be scored get `None`.
+///
+/// # Errors
+/// Cache I/O errors.
+pub fn extract(
+    scorer: &mut LlamaScorer,
+    cache: &mut FeatureCache,
+    rows: &[Row],
+    label: &str,
+) -> anyhow::Result<Vec<Option<Vec<f32>>>> {
+    let todo = rows
+        .iter()
+        .filter(|r| {
+            cache
+                .get(&text_hash(&crate::normalize::normalize(&r.text).text))
+                .is_none()
+        })
+        .count();
+    let bar = progress_bar(todo as u64, label);
+    let mut out = Vec::with_capacity(rows.len());
+    let mut since_flush = 0;
+    for r in rows {
+        let text = crate::normalize::normalize(&r.text).text;
+        let h = text_hash(&text);
+        if let Some((_, v)) = cache.get(&h) {
+            out.push(Some(v.clone()));
+            continue;
+        }
+        match scorer.features_head(&text, 1) {
+            Ok((mut windows, tokens)) => {
+                let v = windows.swap_remove(0);
+                cache.put(h, u32::try_from(tokens).unwrap_or(u32::MAX), v.clone())?;
+                out.push(Some(v));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "row not scored; left out of training");
+                out.push(None);
+            }
+        }
+        bar.inc(1);
+        since_flush += 1;
+        if since_flush >= 50 {
+            cache.flush()?;
+            since_flush = 0;
+        }
+    }
+    cache.flush()?;
+    bar.finish_and_clear();
+    Ok(out)
+}
+
+/// A progress bar with ETA on a terminal; hidden otherwise (logs say the rest).
+pub fn progress_bar(len: u64, label: &str) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() || len == 0 {
+        tracing::info!(rows = len, "{label}");
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg:>12} [{bar:40}] {pos}/{len} rows, {per_sec}, ETA {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_message(label.to_string());
+    bar
+}
+
+/// One candidate's dev figures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Candidate {
+    /// Layers read.
+    pub layers: Vec<u32>,
+    /// Poolings of each layer.
+    pub pooling: Vec<Pooling>,
+    /// L2 penalty.
+    pub l2: f64,
+    /// Dev AUROC.
+    pub auroc: Option<f64>,
+    /// Threshold chosen on dev (best F1 with FPR <= max_fpr).
+    pub threshold: Option<f64>,
+    /// Dev F1 at that threshold.
+    pub f1: Option<f64>,
+    /// Dev false-positive rate at that threshold.
+    pub fpr: Option<f64>,
+    /// Dev recall at 1 % FPR.
+    pub recall_at_1pct_fpr: Option<f64>,
+}
+
+fn columns(
+    x: &[f32],
+    n_embd: usize,
+    all_layers: &[u32],
+    layers: &[u32],
+    pooling: &[Pooling],
+) -> Vec<f32> {
+    // The cache holds, per candidate layer (sorted), [last, mean].
+    let mut out = Vec::with_capacity(layers.len() * pooling.len() * n_embd);
+    for l in layers {
+        let li = all_layers
+            .iter()
+            .position(|a| a == l)
+            .expect("candidate layer");
+        for p in pooling {
+            let pi = match p {
+                Pooling::Last => 0,
+                Pooling::Mean => 1,
+            };
+            let start = (li * 2 + pi) * n_embd;
+            out.extend_from_slice(&x[start..start + n_embd]);
+        }
+    }
+    out
+}
+
+/// Runs `promptgate train`.
+///
+/// # Errors
+/// Unreadable data or model, no usable rows, or an unwritable output.
+pub fn run(args: &crate::config::TrainArgs) -> anyhow::Result<PathBuf> {
+    let started = std::time::Instant::now();
+    let mut train_rows = Vec::new();
+    let mut data_refs = Vec::new();
+    for p in &args.data {
+        let rows = read_rows(p)?;
+        data_refs.push(DataRef {
+            file: p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            sha256: sha256_file(p)?,
+            rows: rows.len(),
+        });
+        train_rows.extend(rows);
+    }
+    let dev_all = read_rows(&args.dev)?;
+    let dev_ref = DataRef {
+        file: args
+            .dev
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        sha256: sha256_file(&args.dev)?,
+        rows: dev_all.len(),
+    };
+    let train = sample_per_group(&train_rows, args.per_group, args.seed);
+    let dev = sample_stratified(&dev_all, args.dev_limit, args.seed);
+    anyhow::ensure!(
+        !train.is_empty() && !dev.is_empty(),
+        "no training or dev rows"
+    );
+
+    let config = LlamaConfig {
+        threads: args.threads.unwrap_or(LlamaConfig::default().threads),
+        ..LlamaConfig::default()
+    };
+    // Default candidates: layers spread over the model's depth.
+    let mut probe_layers = match &args.layers {
+        Some(l) => l.clone(),
+        None => vec![0],
+    };
+    probe_layers.sort_unstable();
+    probe_layers.dedup();
+    let mut spec = FeatureSpec {
+        layers: probe_layers,
+        pooling: vec![Pooling::Last, Pooling::Mean],
+        window_tokens: args.window_tokens,
+    };
+    let mut scorer = LlamaScorer::load_features(&args.base, config.clone(), spec.clone())?;
+    let n_layer = scorer.model_handle().n_layer();
+    if args.layers.is_none() {
+        // Every fifth of the depth, from a sixth up to the second-to-last block.
+        let cands: Vec<u32> = [1, 2, 3, 4, 5]
+            .iter()
+            .map(|k| (n_layer * k / 6).min(n_layer.saturating_sub(2)))
+            .collect();
+        let mut cands = cands;
+        cands.dedup();
+        spec.layers = cands;
+        scorer = LlamaScorer::load_features(&args.base, config.clone(), spec.clone())?;
+    }
+    let n_embd = usize::try_from(scorer.model_handle().n_embd()).unwrap_or(0);
+    let dim = spec.layers.len() * 2 * n_embd;
+    let key_src = serde_json::json!({
+        "version": FEATURE_VERSION,
+        "model_sha256": scorer.model_sha256(),
+        "template_sha256": scorer.template_sha256(),
+        "layers": spec.layers,
+        "window_tokens": spec.window_tokens,
+        "window_overlap": config.window_overlap,
+    });
+    let key = format!(
+        "{}-{}",
+        &scorer.model_sha256()[..16],
+        &hex::encode(Sha256::digest(key_src.to_string().as_bytes()))[..16]
+    );
+    let mut cache = FeatureCache::open(&args.cache_dir, &key, dim)?;
+    tracing::info!(
+        train_rows = train.len(),
+        dev_rows = dev.len(),
+        layers = ?spec.layers,
+        n_layer,
+        n_embd,
+        cache = %cache.path().display(),
+        "extracting features"
+    );
+    let train_x = extract(&mut scorer, &mut cache, &train, "train")?;
+    let dev_x = extract(&mut scorer, &mut cache, &dev, "dev")?;
+    let extract_s = started.elapsed().as_secs_f64();
+    if args.extract_only {
+        eprintln!(
+            "features cached in {} ({extract_s:.0} s)",
+            cache.path().display()
+        );
+        return Ok(cache.path().to_path_buf());
+    }
+
+    let keep = |rows: &[Row], x: Vec<Option<Vec<f32>>>| -> (Vec<Row>, Vec<Vec<f32>>) {
+        rows.iter()
+            .zip(x)
+            .filter_map(|(r, v)| v.map(|v| (r.clone(), v)))
+            .unzip()
+    };
+    let (train, train_x) = keep(&train, train_x);
+    let (dev, dev_x) = keep(&dev, dev_x);
+    let weights = balance_weights(&train);
+    let y: Vec<bool> = train.iter().map(|r| r.label == "malicious").collect();
+
+    let mut pools: Vec<Vec<Pooling>> = vec![
+        vec![Pooling::Last],
+        vec![Pooling::Mean],
+        vec![Pooling::Last, Pooling::Mean],
+    ];
+    pools.dedup();
+    let mut candidates = Vec::new();
+    let mut best: Option<(Candidate, LogisticHead)> = None;
+    for &layer in &spec.layers {
+        for pooling in &pools {
+            let tx: Vec<Vec<f32>> = train_x
+                .iter()
+                .map(|x| columns(x, n_embd, &spec.layers, &[layer], pooling))
+                .collect();
+            let dx: Vec<Vec<f32>> = dev_x
+                .iter()
+                .map(|x| columns(x, n_embd, &spec.layers, &[layer], pooling))
+                .collect();
+            for &l2 in &args.l2 {
+                let head = fit_logistic(
+                    &tx,
+                    &y,
+                    &weights,
+                    FitParams {
+                        l2,
+                        ..FitParams::default()
+                    },
+                );
+                let scored: Vec<Scored> = dx
+                    .iter()
+                    .zip(&dev)
+                    .map(|(x, r)| Scored {
+                        malicious: r.label == "malicious",
+                        score: Some(crate::engine::llama::FeatureHead::predict(&head, x)),
+                    })
+                    .collect();
+                let chosen = best_f1_threshold(&scored, args.max_fpr);
+                let c = Candidate {
+                    layers: vec![layer],
+                    pooling: pooling.clone(),
+                    l2,
+                    auroc: auroc(&scored),
+                    threshold: chosen.map(|(t, _)| t),
+                    f1: chosen.map(|(_, f)| f),
+                    fpr: chosen.and_then(|(t, _)| Confusion::at(&scored, t).fpr()),
+                    recall_at_1pct_fpr: recall_at_fpr(&scored, 0.01),
+                };
+                eprintln!(
+                    "layer {:>2} {:<10} l2 {:<7} dev AUROC {:.4} F1 {:.4} FPR {:.4} R@1%FPR {:.4}",
+                    layer,
+                    pooling
+                        .iter()
+                        .map(|p| format!("{p:?}").to_lowercase())
+                        .collect::<Vec<_>>()
+                        .join("+"),
+                    l2,
+                    c.auroc.unwrap_or(f64::NAN),
+                    c.f1.unwrap_or(f64::NAN),
+                    c.fpr.unwrap_or(f64::NAN),
+                    c.recall_at_1pct_fpr.unwrap_or(f64::NAN),
+                );
+                let better = match &best {
+                    None => c.f1.is_some(),
+                    Some((b, _)) => {
+                        let (f, bf) = (c.f1.unwrap_or(-1.0), b.f1.unwrap_or(-1.0));
+                        f > bf + 1e-9 || ((f - bf).abs() <= 1e-9 && c.auroc > b.auroc)
+                    }
+                };
+                if better {
+                    best = Some((c.clone(), head));
+                }
+                candidates.push(c);
+            }
+        }
+    }
+    let (chosen, head) = best.context("no candidate reached a threshold on dev")?;
+    let threshold = chosen.threshold.context("no threshold")?;
+
+    // Dev report of the chosen head, per source.
+    let chosen_dx: Vec<Vec<f32>> = dev_x
+        .iter()
+        .map(|x| columns(x, n_embd, &spec.layers, &chosen.layers, &chosen.pooling))
+        .collect();
+    let scored: Vec<Scored> = chosen_dx
+        .iter()
+        .zip(&dev)
+        .map(|(x, r)| Scored {
+            malicious: r.label == "malicious",
+            score: Some(crate::engine::llama::FeatureHead::predict(&head, x)),
+        })
+        .collect();
+    let c = Confusion::at(&scored, threshold);
+    let dev_metrics = serde_json::json!({
+        "rows": scored.len(),
+        "threshold": threshold,
+        "precision": c.precision(),
+        "recall": c.recall(),
+        "f1": c.f1(),
+        "fpr": c.fpr(),
+        "auroc": auroc(&scored),
+        "recall_at_1pct_fpr": recall_at_fpr(&scored, 0.01),
+        "note": "first-window features of the dev rows used for selection; `promptgate eval` scores every window",
+    });
+
+    let base_path = &args.base;
+    let base = Base {
+        file: base_path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        sha256: scorer.model_sha256().to_string(),
+    };
+    let features = FeatureSpec {
+        layers: chosen.layers.clone(),
+        pooling: chosen.pooling.clone(),
+        window_tokens: spec.window_tokens,
+    };
+    let name = args
+        .out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "detector".into());
+    let file = DetectorFile {
+        format: FORMAT.to_string(),
+        name,
+        base,
+        features: FeatureInfo {
+            spec: features,
+            window_overlap: config.window_overlap,
+            profile: scorer.profile().name.clone(),
+            template_sha256: scorer.template_sha256(),
+            normalization: FEATURE_VERSION.to_string(),
+            training_windows: "first window of each row".into(),
+        },
+        head,
+        threshold,
+        training: TrainingInfo {
+            data: data_refs,
+            dev: dev_ref,
+            rows_used: train.len(),
+            dev_rows_used: dev.len(),
+            per_group: args.per_group,
+            seed: args.seed,
+            l2: chosen.l2,
+            max_fpr: args.max_fpr,
+            extract_seconds: extract_s,
+            total_seconds: started.elapsed().as_secs_f64(),
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+        },
+        dev_metrics,
+        candidates,
+    };
+    let out = super::file::detector_path(&args.out);
+    file.write(&out)?;
+    eprintln!(
+        "wrote {} (layer {:?} {:?}, l2 {}, threshold {:.4}, dev F1 {:.4}, AUROC {:.4})",
+        out.display(),
+        chosen.layers,
+        chosen.pooling,
+        chosen.l2,
+        threshold,
+        chosen.f1.unwrap_or(f64::NAN),
+        chosen.auroc.unwrap_or(f64::NAN)
+    );
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(source: &str, label: &str, i: usize) -> Row {
+        Row {
+            text: format!("{source} {label} {i}"),
+            label: label.into(),
+            category: None,
+            source: Some(source.into()),
+        }
+    }
+
+    #[test]
+    fn weights_balance_groups_and_classes() {
+        let mut rows: Vec<Row> = (0..90).map(|i| row("big", "benign", i)).collect();
+        rows.extend((0..10).map(|i| row("small", "benign", i)));
+        rows.extend((0..20).map(|i| row("m", "malicious", i)));
+        let w = balance_weights(&rows);
+        let total = |f: &dyn Fn(&Row) -> bool| -> f64 {
+            rows.iter()
+                .zip(&w)
+                .filter(|(r, _)| f(r))
+                .map(|(_, w)| w)
+                .sum()
+        };
+        let big = total(&|r| r.source.as_deref() == Some("big"));
+        let small = total(&|r| r.source.as_deref() == Some("small"));
+        let mal = total(&|r| r.label == "malicious");
+        assert!((big - small).abs() < 1e-9, "{big} vs {small}");
+        assert!((mal - (big + small)).abs() < 1e-9);
+        assert!((w.iter().sum::<f64>() - rows.len() as f64).abs() < 1e-6);
+    }
+
+    #[test]
+    fn sampling_caps_groups_and_is_seeded() {
+        let rows: Vec<Row> = (0..50)
+            .map(|i| row("a", "benign", i))
+            .chain((0..5).map(|i| row("b", "malicious", i)))
+            .collect();
+        let s1 = sample_per_group(&rows, 10, 7);
+        let s2 = sample_per_group(&rows, 10, 7);
+        let s3 = sample_per_group(&rows, 10, 8);
+        assert_eq!(s1.len(), 15);
+        assert_eq!(
+            s1.iter().map(|r| &r.text).collect::<Vec<_>>(),
+            s2.iter().map(|r| &r.text).collect::<Vec<_>>()
+        );
+        assert_ne!(
+            s1.iter().map(|r| &r.text).collect::<Vec<_>>(),
+            s3.iter().map(|r| &r.text).collect::<Vec<_>>()
+        );
+        let strat = sample_stratified(&rows, 11, 1);
+        assert_eq!(
+            strat
+                .iter()
+                .filter(|r| r.source.as_deref() == Some("b"))
+                .count(),
+            1
+        );
+        assert_eq!(
+            strat
+                .iter()
+                .filter(|r| r.source.as_deref() == Some("a"))
+                .count(),
+            10
+        );
+    }
+
+    #[test]
+    fn cache_round_trips_and_survives_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = FeatureCache::open(dir.path(), "k", 3).unwrap();
+        c.put(text_hash("x"), 5, vec![1.0, 2.0, 3.0]).unwrap();
+        c.put(text_hash("y"), 6, vec![4.0, 5.0, 6.0]).unwrap();
+        c.flush().unwrap();
+        drop(c);
+        // A torn record from an interrupted run.
+        let p = dir.path().join("k.bin");
+        let mut f = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
+        f.write_all(&[1, 2, 3]).unwrap();
+        drop(f);
+        let mut c = FeatureCache::open(dir.path(), "k", 3).unwrap();
+        assert_eq!(c.get(&text_hash("y")), Some(&(6, vec![4.0, 5.0, 6.0])));
+        assert!(c.get(&text_hash("z")).is_none());
+        c.put(text_hash("z"), 7, vec![7.0, 8.0, 9.0]).unwrap();
+        c.flush().unwrap();
+        drop(c);
+        let c = FeatureCache::open(dir.path(), "k", 3).unwrap();
+        assert_eq!(c.get(&text_hash("z")), Some(&(7, vec![7.0, 8.0, 9.0])));
+        assert_eq!(c.get(&text_hash("x")), Some(&(5, vec![1.0, 2.0, 3.0])));
+    }
+}
