@@ -38,6 +38,7 @@ fn bench(c: &mut Criterion) {
             infer: 41.2,
             total: 41.3,
         },
+        explained: Default::default(),
     };
     c.bench_function("encode_verdict", |b| {
         b.iter(|| encode_line(black_box(&verdict)))

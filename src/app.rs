@@ -89,6 +89,7 @@ pub fn classify(args: &ClassifyArgs) -> anyhow::Result<ExitCode> {
     }
     let mut scorer = args.model.load()?;
     let threshold = args.threshold.unwrap_or(scorer.default_threshold());
+    let explain = args.explain.then(|| args.model.explain_limits());
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut status = ExitCode::Ok;
@@ -104,7 +105,7 @@ pub fn classify(args: &ClassifyArgs) -> anyhow::Result<ExitCode> {
             let id = Value::from(i + 1);
             let line = line.strip_suffix(b"\r").unwrap_or(&line);
             emit(match std::str::from_utf8(line) {
-                Ok(text) => classify_one(&mut scorer, threshold, id, text),
+                Ok(text) => classify_one(&mut scorer, threshold, explain, id, text),
                 Err(e) => error_line(
                     id,
                     RequestError::new(
@@ -118,6 +119,7 @@ pub fn classify(args: &ClassifyArgs) -> anyhow::Result<ExitCode> {
         emit(classify_one(
             &mut scorer,
             threshold,
+            explain,
             Value::Null,
             &args.text,
         ))?;
@@ -133,6 +135,7 @@ fn error_line(id: Value, err: RequestError) -> (Vec<u8>, ExitCode) {
 fn classify_one(
     scorer: &mut dyn Scorer,
     threshold: f64,
+    explain: Option<crate::engine::ExplainLimits>,
     id: Value,
     text: &str,
 ) -> (Vec<u8>, ExitCode) {
@@ -149,6 +152,18 @@ fn classify_one(
         Ok(score) => {
             let label = Label::from_score(score.p_malicious, threshold);
             let infer = ms(started.elapsed());
+            let reason = explain.map(|limits| {
+                let ask = crate::engine::ExplainRequest {
+                    label,
+                    p_malicious: score.p_malicious,
+                    threshold,
+                    limits,
+                };
+                scorer
+                    .explain(&normalized.text, &ask)
+                    .map_err(|e| e.to_string())
+            });
+            let total = ms(started.elapsed());
             let line = encode_line(&Verdict {
                 id,
                 label,
@@ -161,8 +176,9 @@ fn classify_one(
                 latency_ms: LatencyMs {
                     queue: 0.0,
                     infer,
-                    total: infer,
+                    total,
                 },
+                explained: crate::engine::reason::explained(reason.as_ref()),
             });
             let outcome = match label {
                 Label::Malicious => ExitCode::Malicious,
@@ -285,6 +301,7 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         line_timeout: seconds(args.line_timeout),
         allow_uids: args.allow_uid.clone(),
         allow_gids: args.allow_gid.clone(),
+        explain_limits: args.model.explain_limits(),
         ..ServerConfig::default()
     };
     raise_fd_limit(args.max_connections);

@@ -160,6 +160,22 @@ pub struct ModelArgs {
     /// Longest prompt accepted, in tokens; longer ones get `input_too_long`.
     #[arg(long, env = "PROMPTGATE_MAX_PROMPT_TOKENS", default_value_t = 32_768)]
     pub max_prompt_tokens: usize,
+    /// Most tokens generated for one reason (`"explain": true`, `--explain`).
+    #[arg(long, env = "PROMPTGATE_EXPLAIN_MAX_TOKENS", default_value_t = crate::engine::reason::DEFAULT_EXPLAIN_MAX_TOKENS, value_parser = parse_max_tokens)]
+    pub explain_max_tokens: usize,
+    /// Most milliseconds spent writing one reason, its prompt's evaluation included.
+    #[arg(long, env = "PROMPTGATE_EXPLAIN_MAX_MS", default_value_t = crate::engine::reason::DEFAULT_EXPLAIN_MAX_MS)]
+    pub explain_max_ms: u64,
+}
+
+impl ModelArgs {
+    /// The bounds on one reason, from `--explain-max-tokens` and `--explain-max-ms`.
+    pub fn explain_limits(&self) -> crate::engine::ExplainLimits {
+        crate::engine::ExplainLimits {
+            max_tokens: self.explain_max_tokens.max(1),
+            max_time: std::time::Duration::from_millis(self.explain_max_ms),
+        }
+    }
 }
 
 /// `promptgate classify`.
@@ -171,6 +187,9 @@ pub struct ClassifyArgs {
     /// Threshold on P(malicious); the model's default when absent.
     #[arg(long, env = "PROMPTGATE_THRESHOLD")]
     pub threshold: Option<f64>,
+    /// Add a one-sentence `reason` (and `reason_source`) to each answer.
+    #[arg(long, env = "PROMPTGATE_EXPLAIN")]
+    pub explain: bool,
     /// The prompt, or `-` to read one prompt per line from standard input.
     pub text: String,
 }
@@ -258,6 +277,13 @@ pub enum WatchArg {
     Poll,
     /// No watching: SIGHUP and `{"cmd":"reload"}` only.
     Off,
+}
+
+fn parse_max_tokens(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=512).contains(&n) => Ok(n),
+        _ => Err(format!("must be a whole number from 1 to 512, got {s:?}")),
+    }
 }
 
 fn parse_octal(s: &str) -> Result<u32, String> {

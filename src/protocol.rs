@@ -50,6 +50,9 @@ pub enum ErrorType {
     SlowClient,
     /// The peer's uid/gid is not in `--allow-uid`/`--allow-gid`; the connection is closed.
     Forbidden,
+    /// A reason-first guard model's answer could not be parsed, so it gave no
+    /// verdict. Never answered as benign.
+    Unparsed,
 }
 
 impl ErrorType {
@@ -72,11 +75,12 @@ impl ErrorType {
             ErrorType::IdleTimeout => "idle_timeout",
             ErrorType::SlowClient => "slow_client",
             ErrorType::Forbidden => "forbidden",
+            ErrorType::Unparsed => "unparsed",
         }
     }
 
     /// Every error type, for stats tables and documentation tests.
-    pub const ALL: [ErrorType; 16] = [
+    pub const ALL: [ErrorType; 17] = [
         ErrorType::InvalidJson,
         ErrorType::InvalidRequest,
         ErrorType::InvalidUtf8,
@@ -93,6 +97,7 @@ impl ErrorType {
         ErrorType::IdleTimeout,
         ErrorType::SlowClient,
         ErrorType::Forbidden,
+        ErrorType::Unparsed,
     ];
 }
 
@@ -138,6 +143,8 @@ pub struct Classify {
     pub text: String,
     /// Decision threshold on P(malicious) in `[0, 1]`; the model's default when absent.
     pub threshold: Option<f64>,
+    /// Whether the answer carries a one-sentence `reason` (`"explain": true`).
+    pub explain: bool,
 }
 
 /// One decoded request line.
@@ -160,6 +167,8 @@ struct RawRequest {
     threshold: Option<Value>,
     #[serde(default)]
     cmd: Option<Value>,
+    #[serde(default)]
+    explain: Option<Value>,
 }
 
 /// Decodes one line (without its newline) into a request.
@@ -185,7 +194,7 @@ pub fn decode_line(line: &[u8]) -> Result<Request, (Value, RequestError)> {
         )
     })?;
     if !line.trim_start().starts_with('{') {
-        return classify_text(Value::Null, line.to_string(), None);
+        return classify_text(Value::Null, line.to_string(), None, false);
     }
     // Deserialized straight from the text, not through a `Value`, so that a
     // duplicate key is an error rather than silently "last one wins".
@@ -208,12 +217,12 @@ pub fn decode_line(line: &[u8]) -> Result<Request, (Value, RequestError)> {
     })?;
     let id = raw.id.unwrap_or(Value::Null);
     if let Some(cmd) = raw.cmd {
-        if raw.text.is_some() || raw.threshold.is_some() {
+        if raw.text.is_some() || raw.threshold.is_some() || raw.explain.is_some() {
             return Err((
                 id,
                 RequestError::new(
                     ErrorType::InvalidRequest,
-                    "a request has either `cmd` or `text`, not both",
+                    "a request has either `cmd` or `text` (with `threshold`, `explain`), not both",
                 ),
             ));
         }
@@ -267,13 +276,27 @@ pub fn decode_line(line: &[u8]) -> Result<Request, (Value, RequestError)> {
             }
         },
     };
-    classify_text(id, text, threshold)
+    let explain = match raw.explain {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => b,
+        Some(other) => {
+            return Err((
+                id,
+                RequestError::new(
+                    ErrorType::InvalidRequest,
+                    format!("`explain` must be true or false, got {}", json_kind(&other)),
+                ),
+            ))
+        }
+    };
+    classify_text(id, text, threshold, explain)
 }
 
 fn classify_text(
     id: Value,
     text: String,
     threshold: Option<f64>,
+    explain: bool,
 ) -> Result<Request, (Value, RequestError)> {
     if text.contains('\0') {
         return Err((
@@ -291,6 +314,7 @@ fn classify_text(
         id,
         text,
         threshold,
+        explain,
     }))
 }
 
@@ -369,6 +393,62 @@ pub struct Verdict {
     pub normalized: Vec<crate::normalize::Change>,
     /// Timings.
     pub latency_ms: LatencyMs,
+    /// The reason, when one was asked for (`"explain": true`); all its fields
+    /// are absent otherwise.
+    #[serde(flatten)]
+    pub explained: Explained,
+}
+
+/// Who wrote a reason, sent as `reason_source`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReasonSource {
+    /// A reasoning guard model wrote it as part of its own answer, before its
+    /// verdict (Narasimha's `<think>` sentence).
+    GuardModel,
+    /// Composed by promptgate from the verdict and categories a guard model
+    /// answered (Llama Guard 3, Qwen3Guard, Granite Guardian).
+    GuardCategories,
+    /// The trained detector's base GGUF, prompted with the detector's verdict.
+    BaseModel,
+    /// The zero-shot model that gave the verdict, prompted with that verdict.
+    Model,
+    /// The guard model's answer could not be parsed; no reason (the raw text is logged at debug level).
+    Unparsed,
+    /// No reason could be written (see `reason_error`).
+    Unavailable,
+}
+
+/// What it cost to write a reason.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ReasonCost {
+    /// Tokens generated (0 when the reason was composed, or kept from scoring).
+    pub tokens: usize,
+    /// Milliseconds spent writing it, on the inference thread.
+    pub ms: f64,
+    /// Whether the token or time bound cut it (it then ends in `…`, after a whole word).
+    pub truncated: bool,
+}
+
+/// The reason fields of a [`Verdict`], flattened into it. All absent unless
+/// the request asked for a reason.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Explained {
+    /// One sentence saying why; absent when none could be written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Who wrote it (`unavailable` with `reason_error` when nobody could).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason_source: Option<ReasonSource>,
+    /// Categories a guard model named; absent when none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub categories: Vec<String>,
+    /// Why no reason was written, when `reason_source` is `unavailable`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason_error: Option<String>,
+    /// Tokens and time the reason took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason_cost: Option<ReasonCost>,
 }
 
 /// The error line's body.
@@ -621,9 +701,76 @@ mod tests {
             Request::Classify(Classify {
                 id: serde_json::json!([1, "a"]),
                 text: "hi".into(),
-                threshold: Some(0.25)
+                threshold: Some(0.25),
+                explain: false,
             })
         );
+    }
+
+    #[test]
+    fn explain_is_a_boolean_and_not_for_commands() {
+        match decode_line(br#"{"text": "hi", "explain": true}"#).unwrap() {
+            Request::Classify(c) => assert!(c.explain),
+            other => panic!("unexpected {other:?}"),
+        }
+        match decode_line(br#"{"text": "hi", "explain": null}"#).unwrap() {
+            Request::Classify(c) => assert!(!c.explain),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(
+            err_of(br#"{"text":"x","explain":"yes"}"#).1,
+            ErrorType::InvalidRequest
+        );
+        assert_eq!(
+            err_of(br#"{"cmd":"health","explain":true}"#).1,
+            ErrorType::InvalidRequest
+        );
+    }
+
+    #[test]
+    fn reason_fields_appear_only_when_set() {
+        let mut v = Verdict {
+            id: Value::Null,
+            label: Label::Benign,
+            score: 0.1,
+            threshold: 0.5,
+            model: ModelRef {
+                name: "m".into(),
+                sha256: "00".into(),
+            },
+            tokens: 1,
+            windows: 1,
+            normalized: Vec::new(),
+            latency_ms: LatencyMs {
+                queue: 0.0,
+                infer: 1.0,
+                total: 1.0,
+            },
+            explained: Explained::default(),
+        };
+        let plain = serde_json::to_value(&v).unwrap();
+        assert!(
+            plain.get("reason").is_none() && plain.get("reason_source").is_none(),
+            "{plain}"
+        );
+        v.explained = Explained {
+            reason: Some("A plain question.".into()),
+            reason_source: Some(ReasonSource::Model),
+            categories: vec!["Jailbreak".into()],
+            reason_error: None,
+            reason_cost: Some(ReasonCost {
+                tokens: 5,
+                ms: 12.5,
+                truncated: false,
+            }),
+        };
+        let json = serde_json::to_value(&v).unwrap();
+        assert_eq!(json["reason"], "A plain question.");
+        assert_eq!(json["reason_source"], "model");
+        assert_eq!(json["categories"][0], "Jailbreak");
+        assert_eq!(json["reason_cost"]["tokens"], 5);
+        let back: Verdict = serde_json::from_value(json).unwrap();
+        assert_eq!(back, v);
     }
 
     fn err_of(line: &[u8]) -> (Value, ErrorType) {

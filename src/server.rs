@@ -56,6 +56,8 @@ pub struct ServerConfig {
     pub allow_uids: Vec<u32>,
     /// Peers allowed by primary gid.
     pub allow_gids: Vec<u32>,
+    /// Bounds on the one-sentence reason a request asks for with `"explain": true`.
+    pub explain_limits: crate::engine::ExplainLimits,
 }
 
 /// The fail-closed policy: an answer that is not a verdict is never benign.
@@ -84,6 +86,7 @@ impl Default for ServerConfig {
             line_timeout: Duration::from_secs(10),
             allow_uids: Vec::new(),
             allow_gids: Vec::new(),
+            explain_limits: crate::engine::ExplainLimits::default(),
         }
     }
 }
@@ -611,7 +614,11 @@ fn handle_frame(frame: Frame, shared: &Arc<Shared>) -> Pending {
             // The model sees what an attack means, not what it hides; the
             // answer says what was changed.
             let normalized = crate::normalize::normalize(&req.text);
-            match shared.engine.try_submit(normalized.text) {
+            let options = crate::engine::JobOptions {
+                threshold: req.threshold,
+                explain: req.explain.then_some(shared.config.explain_limits),
+            };
+            match shared.engine.try_submit_with(normalized.text, options) {
                 Ok(rx) => Pending::Scoring {
                     id: req.id,
                     threshold: req.threshold,
@@ -711,6 +718,7 @@ async fn resolve(pending: Pending, shared: &Shared) -> Vec<u8> {
                     infer: scored.infer_ms,
                     total: ms(total),
                 },
+                explained: crate::engine::reason::explained(scored.reason.as_ref()),
             })
         }
     }

@@ -401,6 +401,7 @@ fn verdict() -> impl Strategy<Value = Verdict> {
                         infer: lat.1,
                         total: lat.2,
                     },
+                    explained: Default::default(),
                 }
             },
         )

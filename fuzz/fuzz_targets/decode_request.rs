@@ -113,6 +113,7 @@ fn answer(line: &[u8]) {
                     infer: f64::NAN,
                     total: f64::INFINITY,
                 },
+                explained: Default::default(),
             }));
         }
         Ok(Request::Command(id, _)) => assert_one_json_line(&encode_line(&id)),

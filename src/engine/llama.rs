@@ -22,15 +22,17 @@ use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
-use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
+use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 use sha2::{Digest, Sha256};
 
 use super::capture::{self, Capture, CaptureBox};
-use super::profile::{self, ModelMeta, Profile, TemplateSource, TEXT_SLOT};
+use super::guard::{self, Parsed};
+use super::profile::{self, Format, LabelTokens, ModelMeta, Profile, TemplateSource};
+use super::reason::{one_sentence, ExplainLimits, Reason, ReasonSource, Stop};
 use super::windows::windows;
-use super::{EngineError, Score, Scorer};
-use crate::protocol::ModelRef;
+use super::{EngineError, ExplainRequest, Score, Scorer};
+use crate::protocol::{Label, ModelRef};
 
 /// Settings of the llama.cpp engine.
 #[derive(Debug, Clone)]
@@ -227,8 +229,34 @@ pub struct LlamaScorer {
     features: Option<FeatureSpec>,
     /// The head and threshold of a trained detector.
     head: Option<(Box<dyn FeatureHead>, f64)>,
+    /// The chat template's text (embedded) or built-in name, for reasons.
+    template: String,
+    /// A reason-first model's reasoning for the last scored text: the text,
+    /// and what was generated for its highest-scoring window.
+    last_thought: Option<(String, Thought)>,
+    /// The thought of the window just scored, with its score.
+    pending_thought: Option<(f64, Thought)>,
     /// Declared after `ctx`: llama.cpp's eval callback points into it.
     capture: CaptureBox,
+}
+
+/// What a reason-first model wrote before its verdict on one window.
+#[derive(Debug, Clone)]
+struct Thought {
+    /// The answer as generated: the answer prefix, then the reasoning.
+    answer: String,
+    /// Tokens generated.
+    tokens: usize,
+    /// Whether `think_max_tokens` cut it (`</think>` was then forced).
+    cut: bool,
+}
+
+/// Text generated greedily, and why it stopped.
+#[derive(Debug, Clone)]
+struct Generated {
+    text: String,
+    tokens: usize,
+    stop: Stop,
 }
 
 impl LlamaScorer {
@@ -299,6 +327,10 @@ impl LlamaScorer {
             reason,
         };
 
+        let embedded = model
+            .chat_template(None)
+            .ok()
+            .and_then(|t| t.to_string().ok());
         let meta = ModelMeta {
             architecture: model
                 .meta_val_str("general.architecture")
@@ -309,22 +341,34 @@ impl LlamaScorer {
                 model.meta_val_str("general.basename").unwrap_or_default(),
                 name
             ),
-            has_chat_template: model.chat_template(None).is_ok(),
+            has_chat_template: embedded.is_some(),
+            chat_template: embedded.clone().unwrap_or_default(),
         };
-        let profile = profile::select(&meta);
-        let (prefix_text, suffix_text) = render(&model, &profile).map_err(unsupported)?;
+        let profile = profile::for_model(path, &meta).map_err(unsupported)?;
+        let template = match &profile.template {
+            TemplateSource::Embedded => {
+                embedded.ok_or_else(|| unsupported("no embedded chat template".into()))?
+            }
+            TemplateSource::Builtin(name) => name.clone(),
+        };
+        let (prefix_text, suffix_text) =
+            profile::render_parts(&profile, &template).map_err(unsupported)?;
         let vocab = model.vocab();
         let prefix = vocab.tokenize(prefix_text.as_bytes(), true, true);
         let suffix = vocab.tokenize(suffix_text.as_bytes(), false, true);
         let single = |labels: &[String]| -> Vec<LlamaToken> {
             let mut ids: Vec<LlamaToken> = labels
                 .iter()
-                .filter_map(
-                    |l| match vocab.tokenize(l.as_bytes(), false, false).as_slice() {
-                        [t] => Some(*t),
+                .filter_map(|l| {
+                    match (
+                        vocab.tokenize(l.as_bytes(), false, false).as_slice(),
+                        profile.label_tokens,
+                    ) {
+                        ([t], _) => Some(*t),
+                        ([t, ..], LabelTokens::First) => Some(*t),
                         _ => None,
-                    },
-                )
+                    }
+                })
                 .collect();
             ids.sort();
             ids.dedup();
@@ -426,6 +470,9 @@ impl LlamaScorer {
             path: path.to_path_buf(),
             features,
             head: None,
+            template,
+            last_thought: None,
+            pending_thought: None,
             capture,
         };
         if scorer.prefix_reuse {
@@ -552,6 +599,7 @@ impl LlamaScorer {
         let tokens = self.tokens_checked(text)?;
         let ranges = windows(tokens.len(), self.window_tokens, self.config.window_overlap);
         let mut best = 0.0f64;
+        let mut best_thought: Option<Thought> = None;
         for r in &ranges {
             super::watchdog_tick();
             let window = &tokens[r.clone()];
@@ -567,7 +615,15 @@ impl LlamaScorer {
             } else {
                 self.score_window(window, use_cache)?
             };
+            if let Some((_, thought)) = self.pending_thought.take() {
+                if best_thought.is_none() || p > best {
+                    best_thought = Some(thought);
+                }
+            }
             best = best.max(p);
+        }
+        if let Some(t) = best_thought {
+            self.last_thought = Some((text.to_string(), t));
         }
         Ok(Score {
             p_malicious: best,
@@ -671,6 +727,9 @@ impl LlamaScorer {
 
     fn score_window(&mut self, window: &[LlamaToken], use_cache: bool) -> Result<f64, EngineError> {
         self.decode_window(window, use_cache)?;
+        if let Format::Narasimha { think_max_tokens } = self.profile.format {
+            return self.score_after_thought(window.len(), think_max_tokens);
+        }
         let logits = self.ctx.get_logits_ith(self.batch.n_tokens() - 1);
         Ok(label_probability(
             logits,
@@ -678,6 +737,350 @@ impl LlamaScorer {
             &self.benign_ids,
         ))
     }
+
+    /// Reason-first scoring: after `decode_window` (whose suffix opens the
+    /// reasoning), generates the reasoning greedily up to `</think>` or
+    /// `think_max_tokens` (no time bound, so the score does not depend on the
+    /// machine's speed), closes it, and reads the label logits at the verdict
+    /// position after it.
+    fn score_after_thought(
+        &mut self,
+        window_len: usize,
+        think_max_tokens: usize,
+    ) -> Result<f64, EngineError> {
+        let n_past = self.prefix.len() + window_len + self.suffix.len();
+        let limits = ExplainLimits {
+            max_tokens: think_max_tokens.max(1),
+            max_time: std::time::Duration::MAX,
+        };
+        let gen = self.continue_greedy(n_past, limits, &|t: &str| t.contains("</think>"))?;
+        let closed = gen.text.contains("</think>");
+        let mut n_past = n_past + gen.tokens;
+        let vocab_model = self.model.clone();
+        let vocab = vocab_model.vocab();
+        let tail = if closed { "\n\n" } else { "\n</think>\n\n" };
+        let forced = vocab.tokenize(tail.as_bytes(), false, true);
+        self.batch.clear();
+        for (i, &t) in forced.iter().enumerate() {
+            self.batch
+                .add(t, pos(n_past + i), &[0], i + 1 == forced.len())
+                .map_err(|e| EngineError::Inference(e.to_string()))?;
+        }
+        n_past += forced.len();
+        let _ = n_past;
+        self.ctx
+            .decode(&mut self.batch)
+            .map_err(|e| EngineError::Inference(format!("decode: {e}")))?;
+        let logits = self.ctx.get_logits_ith(self.batch.n_tokens() - 1);
+        let answer = format!("{}{}", self.profile.answer_prefix, gen.text);
+        let top = argmax(logits);
+        if !self.malicious_ids.contains(&top) && !self.benign_ids.contains(&top) {
+            tracing::debug!(model = %self.model_ref.name, raw = %answer, "unparsed answer");
+            return Err(EngineError::Unparsed {
+                why: "no label at the verdict position after the reasoning".into(),
+            });
+        }
+        let p = label_probability(logits, &self.malicious_ids, &self.benign_ids);
+        let thought = Thought {
+            answer,
+            tokens: gen.tokens,
+            cut: !closed,
+        };
+        // The reason kept is the highest-scoring window's (see score_with).
+        self.pending_thought = Some((p, thought));
+        Ok(p)
+    }
+
+    /// Greedy generation continuing from `n_past` tokens already decoded
+    /// (the last decode's last logits row is the first step's). Stops at an
+    /// end-of-generation token, when `done` says the text is complete, or at
+    /// a bound.
+    fn continue_greedy(
+        &mut self,
+        mut n_past: usize,
+        limits: ExplainLimits,
+        done: &dyn Fn(&str) -> bool,
+    ) -> Result<Generated, EngineError> {
+        let started = std::time::Instant::now();
+        let model = self.model.clone();
+        let vocab = model.vocab();
+        let room = (self.config.n_ctx as usize).saturating_sub(n_past);
+        let max_tokens = limits.max_tokens.min(room);
+        let mut bytes = Vec::new();
+        let mut ids: Vec<LlamaToken> = Vec::new();
+        let mut ends: Vec<usize> = Vec::new();
+        let mut tokens = 0usize;
+        let stop = loop {
+            if tokens >= max_tokens || started.elapsed() >= limits.max_time {
+                break Stop::Budget;
+            }
+            let logits = self.ctx.get_logits_ith(self.batch.n_tokens() - 1);
+            let tok = argmax(logits);
+            if vocab.is_eog(tok) {
+                break Stop::End;
+            }
+            tokens += 1;
+            bytes.extend(vocab.token_to_piece(tok, true, None));
+            ids.push(tok);
+            ends.push(bytes.len());
+            if let Some(start) = repeats(&ids, REPEAT_NGRAM) {
+                // Greedy decoding of a small model loops; keep what came before.
+                bytes.truncate(if start == 0 { 0 } else { ends[start - 1] });
+                break Stop::Budget;
+            }
+            if done(valid_utf8_prefix(&bytes)) {
+                break Stop::Sentence;
+            }
+            if tokens >= max_tokens || started.elapsed() >= limits.max_time {
+                break Stop::Budget;
+            }
+            self.batch.clear();
+            self.batch
+                .add(tok, pos(n_past), &[0], true)
+                .map_err(|e| EngineError::Inference(e.to_string()))?;
+            n_past += 1;
+            self.ctx
+                .decode(&mut self.batch)
+                .map_err(|e| EngineError::Inference(format!("decode: {e}")))?;
+        };
+        Ok(Generated {
+            text: valid_utf8_prefix(&bytes).to_string(),
+            tokens,
+            stop,
+        })
+    }
+
+    /// Evaluates `prompt` from an empty cache (the prefix cache is given up
+    /// and rebuilt by the next score), with the whole graph computed even for
+    /// a detector, then generates greedily as [`LlamaScorer::continue_greedy`].
+    fn generate(
+        &mut self,
+        prompt: &[LlamaToken],
+        limits: ExplainLimits,
+        done: &dyn Fn(&str) -> bool,
+    ) -> Result<Generated, EngineError> {
+        // A detector's eval callback stops the forward pass after a middle
+        // layer; generation needs the logits, so nothing stops early here.
+        self.capture.get().begin(false, false, 0..0);
+        self.prefix_cached = false;
+        self.ctx.clear_kv_cache();
+        if prompt.is_empty() || prompt.len() >= self.config.n_ctx as usize {
+            return Err(EngineError::Inference(format!(
+                "the reason prompt has {} tokens; the context holds {}",
+                prompt.len(),
+                self.config.n_ctx
+            )));
+        }
+        self.batch.clear();
+        for (i, &t) in prompt.iter().enumerate() {
+            self.batch
+                .add(t, pos(i), &[0], i + 1 == prompt.len())
+                .map_err(|e| EngineError::Inference(e.to_string()))?;
+        }
+        self.ctx
+            .decode(&mut self.batch)
+            .map_err(|e| EngineError::Inference(format!("reason prompt decode: {e}")))?;
+        self.continue_greedy(prompt.len(), limits, done)
+    }
+
+    /// The text's tokens, cut to fit `budget` tokens: its start and its end
+    /// around `…` (what a reason needs to see of a long prompt).
+    fn fit_text(&self, text: &str, budget: usize) -> Vec<LlamaToken> {
+        let tokens = self.tokenize_text(text);
+        if tokens.len() <= budget {
+            return tokens;
+        }
+        let gap = self.tokenize_text(" … ");
+        let keep = budget.saturating_sub(gap.len());
+        let head = keep / 2;
+        let tail = keep - head;
+        let mut out = tokens[..head].to_vec();
+        out.extend(gap);
+        out.extend_from_slice(&tokens[tokens.len() - tail..]);
+        out
+    }
+
+    /// `prefix ++ text ++ suffix` tokens, with the text cut to leave room
+    /// for `max_tokens` generated ones in the context.
+    fn prompt_tokens(
+        &self,
+        prefix: &str,
+        text: &str,
+        suffix: &str,
+        max_tokens: usize,
+    ) -> Result<Vec<LlamaToken>, EngineError> {
+        let vocab = self.model.vocab();
+        let mut prompt = vocab.tokenize(prefix.as_bytes(), true, true);
+        let tail = vocab.tokenize(suffix.as_bytes(), false, true);
+        let budget =
+            (self.config.n_ctx as usize).saturating_sub(prompt.len() + tail.len() + max_tokens + 1);
+        if budget < 8 {
+            return Err(EngineError::Unsupported {
+                model: self.model_ref.name.clone(),
+                reason: format!(
+                    "n_ctx {} leaves no room for a reason of {max_tokens} tokens",
+                    self.config.n_ctx
+                ),
+            });
+        }
+        prompt.extend(self.fit_text(text, budget));
+        prompt.extend(tail);
+        Ok(prompt)
+    }
+
+    /// A zero-shot model or a detector's base model, prompted with the
+    /// verdict, writes one sentence.
+    fn explain_by_prompt(
+        &mut self,
+        text: &str,
+        ask: &ExplainRequest,
+    ) -> Result<Reason, EngineError> {
+        let started = std::time::Instant::now();
+        let verdict = match ask.label {
+            Label::Malicious => EXPLAIN_MALICIOUS,
+            Label::Benign => EXPLAIN_BENIGN,
+        };
+        let user = EXPLAIN_USER.replace("{verdict}", verdict);
+        let answer_prefix = match ask.label {
+            Label::Malicious => EXPLAIN_PREFIX_MALICIOUS,
+            Label::Benign => EXPLAIN_PREFIX_BENIGN,
+        };
+        let (prefix, suffix) =
+            profile::render_messages(&self.template, EXPLAIN_SYSTEM, &user, answer_prefix)
+                .map_err(|reason| EngineError::Unsupported {
+                    model: self.model_ref.name.clone(),
+                    reason,
+                })?;
+        let limits = ask.limits;
+        let prompt = self.prompt_tokens(&prefix, text, &suffix, limits.max_tokens)?;
+        let gen = self.generate(&prompt, limits, &|t: &str| {
+            super::reason::sentence_end(t, false).is_some()
+        })?;
+        let written = format!("{answer_prefix}{}", gen.text);
+        let sentence = one_sentence(&written, gen.stop);
+        Ok(Reason {
+            truncated: sentence.as_ref().is_some_and(|(_, cut)| *cut),
+            text: sentence.map(|(s, _)| s),
+            source: if self.head.is_some() {
+                ReasonSource::BaseModel
+            } else {
+                ReasonSource::Model
+            },
+            categories: Vec::new(),
+            generated_tokens: gen.tokens,
+            ms: super::ms(started.elapsed()),
+        })
+    }
+
+    /// A verdict-first guard model (Llama Guard 3, Qwen3Guard) writes the
+    /// rest of its answer after the verdict position; the categories are
+    /// parsed from it and the reason composed.
+    fn explain_by_guard(
+        &mut self,
+        text: &str,
+        ask: &ExplainRequest,
+    ) -> Result<Reason, EngineError> {
+        let started = std::time::Instant::now();
+        let (prefix, suffix) =
+            profile::render_parts(&self.profile, &self.template).map_err(|reason| {
+                EngineError::Unsupported {
+                    model: self.model_ref.name.clone(),
+                    reason,
+                }
+            })?;
+        let limits = ask.limits;
+        let prompt = self.prompt_tokens(&prefix, text, &suffix, limits.max_tokens)?;
+        // Two lines (verdict, categories) are a whole answer.
+        let gen = self.generate(&prompt, limits, &|t: &str| {
+            t.trim_start()
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .count()
+                >= 2
+                && t.ends_with('\n')
+        })?;
+        let answer = format!("{}{}", self.profile.answer_prefix, gen.text);
+        let parsed = guard::parse(&self.profile.format, &answer, gen.stop != Stop::Budget);
+        let ms = super::ms(started.elapsed());
+        Ok(match parsed {
+            Parsed::Ok {
+                verdict,
+                categories,
+                ..
+            } => Reason {
+                text: Some(guard::compose_reason(
+                    &self.profile.display_name,
+                    verdict,
+                    &categories,
+                )),
+                source: ReasonSource::GuardCategories,
+                categories,
+                generated_tokens: gen.tokens,
+                ms,
+                truncated: false,
+            },
+            Parsed::Unparsed { why } => {
+                tracing::debug!(model = %self.model_ref.name, raw = %answer, why, "unparsed answer");
+                Reason {
+                    text: None,
+                    source: ReasonSource::Unparsed,
+                    categories: Vec::new(),
+                    generated_tokens: gen.tokens,
+                    ms,
+                    truncated: gen.stop == Stop::Budget,
+                }
+            }
+        })
+    }
+}
+
+const EXPLAIN_SYSTEM: &str = "You explain the decisions of a security filter that screens \
+prompts sent to an AI assistant. Answer in one short sentence.";
+const EXPLAIN_USER: &str = "Prompt:\n\"\"\"\n{text}\n\"\"\"\n\n\
+The filter judged this prompt {verdict}. In one sentence, say why.";
+const EXPLAIN_MALICIOUS: &str =
+    "to be an attack (a prompt injection, a jailbreak, or a request for harmful content)";
+const EXPLAIN_BENIGN: &str = "to be safe (not an attack)";
+/// Starts the reason, so a small model answers the question instead of
+/// repeating the prompt or the verdict.
+const EXPLAIN_PREFIX_MALICIOUS: &str = "This prompt is an attack because";
+const EXPLAIN_PREFIX_BENIGN: &str = "This prompt is safe because";
+
+/// Length of the token sequence whose repetition ends generation.
+const REPEAT_NGRAM: usize = 4;
+
+/// When the last `n` tokens already occurred earlier in `ids`, the index
+/// where their repetition starts.
+fn repeats(ids: &[LlamaToken], n: usize) -> Option<usize> {
+    if ids.len() < 2 * n {
+        return None;
+    }
+    let tail = &ids[ids.len() - n..];
+    ids[..ids.len() - n]
+        .windows(n)
+        .any(|w| w == tail)
+        .then(|| ids.len() - n)
+}
+
+/// The longest prefix of `bytes` that is valid UTF-8 (a token may end inside a character).
+fn valid_utf8_prefix(bytes: &[u8]) -> &str {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => s,
+        Err(e) => std::str::from_utf8(&bytes[..e.valid_up_to()]).unwrap_or_default(),
+    }
+}
+
+/// The token with the highest logit (NaN logits never win); greedy decoding.
+fn argmax(logits: &[f32]) -> LlamaToken {
+    let mut best = 0usize;
+    let mut best_v = f32::NEG_INFINITY;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > best_v {
+            best = i;
+            best_v = v;
+        }
+    }
+    LlamaToken(i32::try_from(best).unwrap_or(0))
 }
 
 impl Scorer for LlamaScorer {
@@ -700,8 +1103,79 @@ impl Scorer for LlamaScorer {
         Some(self.window_tokens)
     }
 
+    fn explain(&mut self, text: &str, ask: &ExplainRequest) -> Result<Reason, EngineError> {
+        if self.features.is_some() && self.head.is_none() {
+            return Err(EngineError::Unsupported {
+                model: self.model_ref.name.clone(),
+                reason: "a feature extractor gives no verdict to explain".into(),
+            });
+        }
+        let reason = match &self.profile.format {
+            Format::Narasimha { .. } => {
+                // Written while scoring: the reason is the model's own.
+                return match &self.last_thought {
+                    Some((t, thought)) if t == text => {
+                        let parsed = guard::parse(
+                            &self.profile.format,
+                            &format!("{}</think>", thought.answer),
+                            true,
+                        );
+                        let sentence = match parsed {
+                            Parsed::Ok { reason, .. } => reason,
+                            Parsed::Unparsed { .. } => None,
+                        };
+                        Ok(Reason {
+                            source: if sentence.is_some() {
+                                ReasonSource::GuardModel
+                            } else {
+                                ReasonSource::Unparsed
+                            },
+                            text: sentence,
+                            categories: Vec::new(),
+                            generated_tokens: thought.tokens,
+                            ms: 0.0,
+                            truncated: thought.cut,
+                        })
+                    }
+                    _ => Err(EngineError::Inference(
+                        "no reasoning kept for this text".into(),
+                    )),
+                };
+            }
+            Format::Qwen3Guard { .. } | Format::LlamaGuard3 => self.explain_by_guard(text, ask),
+            Format::YesNo if self.profile.name.starts_with("granite-guardian") => {
+                // Granite Guardian answers only Yes or No: its verdict is the reason.
+                let verdict = match ask.label {
+                    Label::Malicious => guard::GuardVerdict::Malicious,
+                    Label::Benign => guard::GuardVerdict::Benign,
+                };
+                return Ok(Reason {
+                    text: Some(guard::compose_reason(
+                        &self.profile.display_name,
+                        verdict,
+                        &[],
+                    )),
+                    source: ReasonSource::GuardCategories,
+                    categories: Vec::new(),
+                    generated_tokens: 0,
+                    ms: 0.0,
+                    truncated: false,
+                });
+            }
+            Format::YesNo => self.explain_by_prompt(text, ask),
+        };
+        // The cache no longer holds the prefix; the next score rebuilds it.
+        self.prefix_cached = false;
+        if let Err(EngineError::Inference(e)) = &reason {
+            tracing::error!(model = %self.path.display(), error = %e, "reason failed");
+        }
+        reason
+    }
+
     fn score(&mut self, text: &str) -> Result<Score, EngineError> {
         let use_cache = self.prefix_reuse;
+        self.last_thought = None;
+        self.pending_thought = None;
         self.score_with(text, use_cache).map_err(|e| {
             if let EngineError::Inference(_) = e {
                 tracing::error!(model = %self.path.display(), error = %e, "inference failed");
@@ -743,38 +1217,6 @@ pub fn label_probability(logits: &[f32], malicious: &[LlamaToken], benign: &[Lla
     1.0 / (1.0 + (b - m).exp())
 }
 
-const SLOT_MARK: &str = "\u{1}PROMPTGATE_TEXT\u{1}";
-
-/// Renders the profile's conversation through the chat template and splits it
-/// at the text slot: `(prefix, suffix + answer_prefix)`.
-fn render(model: &LlamaModel, profile: &Profile) -> Result<(String, String), String> {
-    let template = match &profile.template {
-        TemplateSource::Embedded => model
-            .chat_template(None)
-            .map_err(|e| format!("no embedded chat template: {e}"))?,
-        TemplateSource::Builtin(name) => LlamaChatTemplate::new(name).map_err(|e| e.to_string())?,
-    };
-    let user = profile.user.replace(TEXT_SLOT, SLOT_MARK);
-    let messages = [
-        LlamaChatMessage::new("system".into(), profile.system.clone()),
-        LlamaChatMessage::new("user".into(), user),
-    ]
-    .into_iter()
-    .collect::<Result<Vec<_>, _>>()
-    .map_err(|e| e.to_string())?;
-    let rendered = model
-        .apply_chat_template(&template, &messages, true)
-        .map_err(|e| format!("chat template failed: {e}"))?;
-    let mut parts = rendered.split(SLOT_MARK);
-    match (parts.next(), parts.next(), parts.next()) {
-        (Some(prefix), Some(suffix), None) => Ok((
-            prefix.to_string(),
-            format!("{suffix}{}", profile.answer_prefix),
-        )),
-        _ => Err("the chat template did not keep the text slot exactly once".into()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -792,6 +1234,16 @@ mod tests {
             &[LlamaToken(1), LlamaToken(2)],
         );
         assert!((p2 - 1.0 / 3.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn repetition_is_found_where_it_starts() {
+        let t = |v: &[i32]| v.iter().map(|&i| LlamaToken(i)).collect::<Vec<_>>();
+        assert_eq!(repeats(&t(&[1, 2, 3, 4, 5, 1, 2, 3, 4]), 4), Some(5));
+        assert_eq!(repeats(&t(&[1, 2, 3, 4, 5, 6, 7, 8]), 4), None);
+        assert_eq!(repeats(&t(&[1, 2, 3]), 4), None);
+        assert_eq!(argmax(&[0.5, f32::NAN, 2.0, 1.0]), LlamaToken(2));
+        assert_eq!(valid_utf8_prefix(&[b'a', 0xC3]), "a");
     }
 
     #[test]

@@ -7,8 +7,10 @@
 //! [`Engine::try_submit`] refuses at once when it is full, it never waits.
 
 pub mod capture;
+pub mod guard;
 pub mod llama;
 pub mod profile;
+pub mod reason;
 pub mod windows;
 
 use std::sync::Arc;
@@ -16,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use crate::protocol::{ErrorType, ModelRef, RequestError};
+use crate::protocol::{ErrorType, Label, ModelRef, RequestError};
+pub use reason::{ExplainLimits, Reason, ReasonSource};
 
 /// Default number of requests that may wait in the inference queue.
 pub const DEFAULT_QUEUE_CAPACITY: usize = 256;
@@ -54,6 +57,13 @@ pub enum EngineError {
     /// The worker thread is gone.
     #[error("the inference worker has stopped")]
     WorkerGone,
+    /// A guard model's answer did not have its format's shape, so there is
+    /// no verdict to report (never read as benign). The raw text is logged at debug level.
+    #[error("the model's answer could not be parsed ({why})")]
+    Unparsed {
+        /// What was missing.
+        why: String,
+    },
 }
 
 impl EngineError {
@@ -61,6 +71,7 @@ impl EngineError {
     pub fn to_request_error(&self) -> RequestError {
         let kind = match self {
             EngineError::InputTooLong { .. } => ErrorType::InputTooLong,
+            EngineError::Unparsed { .. } => ErrorType::Unparsed,
             _ => ErrorType::Internal,
         };
         RequestError::new(kind, self.to_string())
@@ -98,6 +109,44 @@ pub trait Scorer {
     /// # Errors
     /// [`EngineError::InputTooLong`] past the token cap; [`EngineError::Inference`] when the model fails.
     fn score(&mut self, text: &str) -> Result<Score, EngineError>;
+    /// Writes a one-sentence reason for the verdict `ask` on `text`, which
+    /// [`Scorer::score`] has just scored. Called only when a client asks for
+    /// a reason, after the score: the score never depends on it, and a scorer
+    /// must leave later scores unchanged.
+    ///
+    /// # Errors
+    /// By default [`EngineError::Unsupported`]: this scorer writes no reasons.
+    /// [`EngineError::Inference`] when generation fails.
+    fn explain(&mut self, text: &str, ask: &ExplainRequest) -> Result<Reason, EngineError> {
+        let _ = (text, ask);
+        Err(EngineError::Unsupported {
+            model: self.model().name.clone(),
+            reason: "this scorer cannot write reasons".into(),
+        })
+    }
+}
+
+/// What a reason is asked for: the verdict already reached, and the bounds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ExplainRequest {
+    /// The label the answer carries.
+    pub label: Label,
+    /// The score, P(malicious) in `[0, 1]`.
+    pub p_malicious: f64,
+    /// The threshold the label was decided with.
+    pub threshold: f64,
+    /// Bounds on generation.
+    pub limits: ExplainLimits,
+}
+
+/// Per-job options beyond the text.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct JobOptions {
+    /// The request's threshold; the model's default when `None`. Used to
+    /// decide the label a reason is written for.
+    pub threshold: Option<f64>,
+    /// Write a reason, within these bounds; `None`: nothing is generated.
+    pub explain: Option<ExplainLimits>,
 }
 
 /// What a finished job reports.
@@ -111,8 +160,11 @@ pub struct Scored {
     pub default_threshold: f64,
     /// Milliseconds spent waiting in the queue.
     pub queue_ms: f64,
-    /// Milliseconds spent scoring.
+    /// Milliseconds spent scoring (the reason not included).
     pub infer_ms: f64,
+    /// The reason, when one was asked for: `Ok` with it, or `Err` with why
+    /// none could be written (the verdict stands either way).
+    pub reason: Option<Result<Reason, String>>,
 }
 
 /// The reply to one job.
@@ -120,6 +172,7 @@ pub type JobResult = Result<Scored, RequestError>;
 
 struct Job {
     text: String,
+    options: JobOptions,
     enqueued: Instant,
     reply: oneshot::Sender<JobResult>,
 }
@@ -286,9 +339,22 @@ impl Engine {
     /// # Errors
     /// `overloaded` at once when the queue is full; `internal` when the worker is gone.
     pub fn try_submit(&self, text: String) -> Result<oneshot::Receiver<JobResult>, RequestError> {
+        self.try_submit_with(text, JobOptions::default())
+    }
+
+    /// As [`Engine::try_submit`], with a threshold and a reason to write.
+    ///
+    /// # Errors
+    /// As [`Engine::try_submit`].
+    pub fn try_submit_with(
+        &self,
+        text: String,
+        options: JobOptions,
+    ) -> Result<oneshot::Receiver<JobResult>, RequestError> {
         let (reply, rx) = oneshot::channel();
         let job = Job {
             text,
+            options,
             enqueued: Instant::now(),
             reply,
         };
@@ -371,13 +437,18 @@ fn worker_loop(scorer: &mut dyn Scorer, rx: &crossbeam_channel::Receiver<Job>) {
         let outcome =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| scorer.score(&job.text)))
                 .unwrap_or_else(|_| Err(EngineError::Inference("the scorer panicked".into())));
+        let infer_ms = ms(started.elapsed());
         let result = outcome
             .map(|score| Scored {
+                reason: job
+                    .options
+                    .explain
+                    .map(|limits| explain_job(scorer, &job, &score, limits)),
                 score,
                 model: scorer.model().clone(),
                 default_threshold: scorer.default_threshold(),
                 queue_ms,
-                infer_ms: ms(started.elapsed()),
+                infer_ms,
             })
             .map_err(|e| {
                 tracing::warn!(error = %e, "scoring failed");
@@ -385,6 +456,33 @@ fn worker_loop(scorer: &mut dyn Scorer, rx: &crossbeam_channel::Receiver<Job>) {
             });
         let _ = job.reply.send(result);
     }
+}
+
+/// Writes the reason for one scored job; a failure leaves the verdict as it is.
+fn explain_job(
+    scorer: &mut dyn Scorer,
+    job: &Job,
+    score: &Score,
+    limits: ExplainLimits,
+) -> Result<Reason, String> {
+    let threshold = job
+        .options
+        .threshold
+        .unwrap_or_else(|| scorer.default_threshold());
+    let ask = ExplainRequest {
+        label: Label::from_score(score.p_malicious, threshold),
+        p_malicious: score.p_malicious,
+        threshold,
+        limits,
+    };
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        scorer.explain(&job.text, &ask)
+    }))
+    .unwrap_or_else(|_| Err(EngineError::Inference("the reason writer panicked".into())))
+    .map_err(|e| {
+        tracing::warn!(error = %e, "no reason written");
+        e.to_string()
+    })
 }
 
 /// A duration in milliseconds as `f64`.
@@ -430,6 +528,35 @@ mod tests {
         let scored = rx.await.unwrap().unwrap();
         assert_eq!(scored.score.tokens, 3);
         assert_eq!(scored.model.name, "fixed");
+    }
+
+    #[tokio::test]
+    async fn a_reason_is_written_only_when_asked_and_never_changes_the_verdict() {
+        let engine = Engine::spawn(4, || Ok(fixed())).unwrap();
+        let plain = engine
+            .try_submit("abc".into())
+            .unwrap()
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(plain.reason.is_none());
+        let options = JobOptions {
+            threshold: Some(0.9),
+            explain: Some(ExplainLimits::default()),
+        };
+        let asked = engine
+            .try_submit_with("abc".into(), options)
+            .unwrap()
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(asked.score, plain.score);
+        // This scorer writes no reasons: the verdict stands, with why.
+        let err = asked.reason.unwrap().unwrap_err();
+        assert!(err.contains("cannot write reasons"), "{err}");
+        let fields = reason::explained(Some(&Err(err)));
+        assert_eq!(fields.reason_source, Some(ReasonSource::Unavailable));
+        assert!(fields.reason.is_none());
     }
 
     #[tokio::test]
