@@ -720,6 +720,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_detector_outranks_bare_ggufs_new_or_old() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        write(d, "a.gguf", "ok a");
+        write(d, "head.detector.json", "ok head");
+        write(d, "b.gguf", "ok b");
+        let (reg, engine) = Registry::start(config(d, None), loader(), 4).unwrap();
+        assert_eq!(engine.info().model.name, "head.detector.json");
+        // A newer bare GGUF does not replace a serving detector...
+        write(d, "c.gguf", "ok c");
+        assert_eq!(reg.rescan().await, Outcome::Unchanged);
+        // ...a newer detector does.
+        write(d, "next.detector.json", "ok next");
+        assert_eq!(
+            reg.rescan().await,
+            Outcome::Swapped {
+                name: "next.detector.json".into()
+            }
+        );
+        // A refused detector falls back to the newest bare GGUF at start-up.
+        let dir2 = tempfile::tempdir().unwrap();
+        write(dir2.path(), "a.gguf", "ok a");
+        write(dir2.path(), "bad.detector.json", "base missing");
+        let (_, engine2) = Registry::start(config(dir2.path(), None), loader(), 4).unwrap();
+        assert_eq!(engine2.info().model.name, "a.gguf");
+    }
+
+    #[tokio::test]
     async fn pinned_model_serves_even_when_older() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
