@@ -16,7 +16,9 @@ PROG="demo"
 REPO_ROOT=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd -P)
 cd -- "$REPO_ROOT"
 
-MODEL="SmolLM2-135M-Instruct.Q4_1.gguf"
+BASE="SmolLM2-135M-Instruct.Q4_1.gguf"
+# The shipped detector: a head trained on SmolLM2's hidden states (docs/detector.md).
+MODEL="smollm2-135m-head.detector.json"
 BIN="$REPO_ROOT/target/release/promptgate"
 TIMEOUT="${PROMPTGATE_DEMO_TIMEOUT:-300}"
 
@@ -56,7 +58,7 @@ show_log() {
 # exits when it has read everything. `timeout` is only a safety net.
 send() { timeout "$TIMEOUT" nc -U -N "$SOCK"; }
 
-log "1/5 fetching the default model ($MODEL)"
+log "1/5 fetching the base model of the default detector ($BASE)"
 scripts/fetch-models.sh --only smollm2
 
 if [[ "${PROMPTGATE_DEMO_SKIP_BUILD:-0}" == 1 && -x "$BIN" ]]; then
@@ -125,6 +127,7 @@ for line, (want_id, kind) in zip(lines, expected):
         sys.exit(f"answer out of order: id {a.get('id')!r}, expected {want_id!r}")
     if kind == "verdict":
         assert a["label"] in ("benign", "malicious"), a
+        assert a["model"]["name"] == "smollm2-135m-head.detector.json", a
         assert 0.0 <= a["score"] <= 1.0, a
         assert a["tokens"] > 0 and a["windows"] >= 1, a
         what, score = a["label"], f"{a['score']:.3f} (threshold {a['threshold']})"
@@ -156,8 +159,8 @@ echo "daemon stopped cleanly (exit 0, socket removed)"
 
 cat <<'NOTE'
 
-Note: the default model is a zero-shot prompt to SmolLM2-135M-Instruct. Its
-scores come from the label tokens' probabilities, but at this size it
-classifies at about chance: do not read the labels above as a real verdict.
-A trained detector is the next piece of work.
+Note: the default detector is a logistic head on SmolLM2-135M-Instruct's
+hidden states, trained on ../shared/data/train.jsonl plus data/hard_negatives.jsonl
+(docs/detector.md has its figures on dev and on sources it never saw, and
+where it still fails).
 NOTE

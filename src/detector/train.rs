@@ -454,15 +454,20 @@ pub fn run(args: &crate::config::TrainArgs) -> anyhow::Result<PathBuf> {
     pools.dedup();
     let mut candidates = Vec::new();
     let mut best: Option<(Candidate, LogisticHead)> = None;
-    for &layer in &spec.layers {
+    // Each candidate layer alone, then all of them concatenated.
+    let mut layer_sets: Vec<Vec<u32>> = spec.layers.iter().map(|&l| vec![l]).collect();
+    if spec.layers.len() > 1 {
+        layer_sets.push(spec.layers.clone());
+    }
+    for layers in &layer_sets {
         for pooling in &pools {
             let tx: Vec<Vec<f32>> = train_x
                 .iter()
-                .map(|x| columns(x, n_embd, &spec.layers, &[layer], pooling))
+                .map(|x| columns(x, n_embd, &spec.layers, layers, pooling))
                 .collect();
             let dx: Vec<Vec<f32>> = dev_x
                 .iter()
-                .map(|x| columns(x, n_embd, &spec.layers, &[layer], pooling))
+                .map(|x| columns(x, n_embd, &spec.layers, layers, pooling))
                 .collect();
             for &l2 in &args.l2 {
                 let head = fit_logistic(
@@ -484,7 +489,7 @@ pub fn run(args: &crate::config::TrainArgs) -> anyhow::Result<PathBuf> {
                     .collect();
                 let chosen = best_f1_threshold(&scored, args.max_fpr);
                 let c = Candidate {
-                    layers: vec![layer],
+                    layers: layers.clone(),
                     pooling: pooling.clone(),
                     l2,
                     auroc: auroc(&scored),
@@ -494,8 +499,8 @@ pub fn run(args: &crate::config::TrainArgs) -> anyhow::Result<PathBuf> {
                     recall_at_1pct_fpr: recall_at_fpr(&scored, 0.01),
                 };
                 eprintln!(
-                    "layer {:>2} {:<10} l2 {:<7} dev AUROC {:.4} F1 {:.4} FPR {:.4} R@1%FPR {:.4}",
-                    layer,
+                    "layers {:<14} {:<10} l2 {:<7} dev AUROC {:.4} F1 {:.4} FPR {:.4} R@1%FPR {:.4}",
+                    format!("{layers:?}"),
                     pooling
                         .iter()
                         .map(|p| format!("{p:?}").to_lowercase())
