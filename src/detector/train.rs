@@ -333,6 +333,17 @@ fn columns(
     out
 }
 
+/// The head's P(malicious) for each feature row, with the rows' labels.
+fn score_rows(head: &LogisticHead, x: &[Vec<f32>], rows: &[Row]) -> Vec<Scored> {
+    x.iter()
+        .zip(rows)
+        .map(|(x, r)| Scored {
+            malicious: r.label == "malicious",
+            score: Some(crate::engine::llama::FeatureHead::predict(head, x)),
+        })
+        .collect()
+}
+
 /// Runs `promptgate train`.
 ///
 /// # Errors
@@ -479,14 +490,7 @@ pub fn run(args: &crate::config::TrainArgs) -> anyhow::Result<PathBuf> {
                         ..FitParams::default()
                     },
                 );
-                let scored: Vec<Scored> = dx
-                    .iter()
-                    .zip(&dev)
-                    .map(|(x, r)| Scored {
-                        malicious: r.label == "malicious",
-                        score: Some(crate::engine::llama::FeatureHead::predict(&head, x)),
-                    })
-                    .collect();
+                let scored = score_rows(&head, &dx, &dev);
                 let chosen = best_f1_threshold(&scored, args.max_fpr);
                 let c = Candidate {
                     layers: layers.clone(),
@@ -534,14 +538,7 @@ pub fn run(args: &crate::config::TrainArgs) -> anyhow::Result<PathBuf> {
         .iter()
         .map(|x| columns(x, n_embd, &spec.layers, &chosen.layers, &chosen.pooling))
         .collect();
-    let scored: Vec<Scored> = chosen_dx
-        .iter()
-        .zip(&dev)
-        .map(|(x, r)| Scored {
-            malicious: r.label == "malicious",
-            score: Some(crate::engine::llama::FeatureHead::predict(&head, x)),
-        })
-        .collect();
+    let scored = score_rows(&head, &chosen_dx, &dev);
     let c = Confusion::at(&scored, threshold);
     let dev_metrics = serde_json::json!({
         "rows": scored.len(),

@@ -150,22 +150,43 @@ pub fn check_gguf_header(path: &Path) -> Result<u64, EngineError> {
     Ok(len)
 }
 
+/// A GGUF file's metadata and tensor table, parsed by ggml's own reader
+/// (`gguf_init_from_file` with `no_alloc`: no tensor data is read); freed on drop.
+pub struct GgufHeader(*mut llama_cpp_sys_2::gguf_context);
+
+impl GgufHeader {
+    /// Parses `path`; `None` if it is not a readable, well-formed GGUF header.
+    pub fn open(path: &Path) -> Option<GgufHeader> {
+        let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+        let params = llama_cpp_sys_2::gguf_init_params {
+            no_alloc: true,
+            ctx: std::ptr::null_mut(),
+        };
+        // SAFETY: a valid C string and params without a ggml context; freed in Drop.
+        let ctx = unsafe { llama_cpp_sys_2::gguf_init_from_file(c_path.as_ptr(), params) };
+        (!ctx.is_null()).then_some(GgufHeader(ctx))
+    }
+
+    /// The raw context, valid while `self` lives.
+    pub fn as_ptr(&self) -> *mut llama_cpp_sys_2::gguf_context {
+        self.0
+    }
+}
+
+impl Drop for GgufHeader {
+    fn drop(&mut self) {
+        // SAFETY: allocated by gguf_init_from_file, freed once.
+        unsafe { llama_cpp_sys_2::gguf_free(self.0) };
+    }
+}
+
 /// Parses the GGUF metadata and tensor table with ggml's own reader (no tensor
 /// data is read) and checks that every tensor's data lies inside the file, so a
 /// half-copied file is refused with a clear reason before llama.cpp loads it.
 fn check_gguf_layout(path: &Path, len: u64) -> Result<(), String> {
-    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| "path contains a NUL byte".to_string())?;
-    let params = llama_cpp_sys_2::gguf_init_params {
-        no_alloc: true,
-        ctx: std::ptr::null_mut(),
-    };
-    // SAFETY: a valid C string and params without a ggml context; the result is freed below.
-    let ctx = unsafe { llama_cpp_sys_2::gguf_init_from_file(c_path.as_ptr(), params) };
-    if ctx.is_null() {
-        return Err("GGUF metadata is corrupt or truncated".into());
-    }
-    // SAFETY: `ctx` is a live gguf context until gguf_free.
+    let gguf = GgufHeader::open(path).ok_or("GGUF metadata is corrupt or truncated")?;
+    let ctx = gguf.as_ptr();
+    // SAFETY: `ctx` is a live gguf context while `gguf` lives.
     let (data_offset, needed) = unsafe {
         let data_offset = llama_cpp_sys_2::gguf_get_data_offset(ctx);
         let n = llama_cpp_sys_2::gguf_get_n_tensors(ctx);
@@ -176,7 +197,6 @@ fn check_gguf_layout(path: &Path, len: u64) -> Result<(), String> {
             })
             .max()
             .unwrap_or(0);
-        llama_cpp_sys_2::gguf_free(ctx);
         (data_offset, end)
     };
     let needed = u64::try_from(data_offset.saturating_add(needed)).unwrap_or(u64::MAX);

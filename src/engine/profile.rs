@@ -546,22 +546,14 @@ impl ProfileFile {
 /// # Errors
 /// The file is not a readable GGUF.
 pub fn read_meta(path: &Path) -> Result<ModelMeta, String> {
-    let c_path = CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| "path contains a NUL byte".to_string())?;
-    let params = llama_cpp_sys_2::gguf_init_params {
-        no_alloc: true,
-        ctx: std::ptr::null_mut(),
-    };
-    // SAFETY: a valid C string; the context is freed below.
-    let ctx = unsafe { llama_cpp_sys_2::gguf_init_from_file(c_path.as_ptr(), params) };
-    if ctx.is_null() {
-        return Err(format!("{}: not a readable GGUF", path.display()));
-    }
+    let gguf = super::llama::GgufHeader::open(path)
+        .ok_or_else(|| format!("{}: not a readable GGUF", path.display()))?;
+    let ctx = gguf.as_ptr();
     let get = |key: &str| -> String {
         let Ok(k) = CString::new(key) else {
             return String::new();
         };
-        // SAFETY: ctx is live until gguf_free below; the string is copied at once.
+        // SAFETY: ctx is live while `gguf` lives; the string is copied at once.
         unsafe {
             let id = llama_cpp_sys_2::gguf_find_key(ctx, k.as_ptr());
             if id < 0
@@ -593,8 +585,6 @@ pub fn read_meta(path: &Path) -> Result<ModelMeta, String> {
         has_chat_template: !chat_template.is_empty(),
         chat_template,
     };
-    // SAFETY: freed once.
-    unsafe { llama_cpp_sys_2::gguf_free(ctx) };
     Ok(meta)
 }
 
