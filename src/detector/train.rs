@@ -38,9 +38,8 @@ const FEATURE_VERSION: &str = "promptgate-features/1";
 /// A group key: (source, label).
 type Group = (String, String);
 
-/// Draws at most `per_group` rows of each (source, label) group with a
-/// seeded shuffle (0 keeps all). The result is in a stable order.
-pub fn sample_per_group(rows: &[Row], per_group: usize, seed: u64) -> Vec<Row> {
+/// Rows by (source, label), in key order.
+fn by_group(rows: &[Row]) -> BTreeMap<Group, Vec<&Row>> {
     let mut groups: BTreeMap<Group, Vec<&Row>> = BTreeMap::new();
     for r in rows {
         groups
@@ -48,6 +47,13 @@ pub fn sample_per_group(rows: &[Row], per_group: usize, seed: u64) -> Vec<Row> {
             .or_default()
             .push(r);
     }
+    groups
+}
+
+/// Draws at most `per_group` rows of each (source, label) group with a
+/// seeded shuffle (0 keeps all). The result is in a stable order.
+pub fn sample_per_group(rows: &[Row], per_group: usize, seed: u64) -> Vec<Row> {
+    let groups = by_group(rows);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let mut out = Vec::new();
     for (_, mut g) in groups {
@@ -66,13 +72,7 @@ pub fn sample_stratified(rows: &[Row], limit: usize, seed: u64) -> Vec<Row> {
     if limit == 0 || limit >= rows.len() {
         return rows.to_vec();
     }
-    let mut groups: BTreeMap<Group, Vec<&Row>> = BTreeMap::new();
-    for r in rows {
-        groups
-            .entry((r.source.clone().unwrap_or_default(), r.label.clone()))
-            .or_default()
-            .push(r);
-    }
+    let groups = by_group(rows);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x05ee_dde7);
     let mut out = Vec::new();
     for (_, mut g) in groups {
