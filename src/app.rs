@@ -46,7 +46,12 @@ impl ModelArgs {
     fn load(&self) -> anyhow::Result<LlamaScorer> {
         let mut refused = Vec::new();
         for path in crate::registry::candidates_by_rule(&self.models_dir, self.model.as_deref())? {
-            match load_model(&path, &self.models_dir, self.llama_config()) {
+            let loaded =
+                load_model(&path, &self.models_dir, self.llama_config()).and_then(|mut s| {
+                    crate::engine::warm_up(&mut s)?;
+                    Ok(s)
+                });
+            match loaded {
                 Ok(s) => return Ok(s),
                 Err(e) => {
                     tracing::warn!(error = %e, "model refused");
@@ -215,6 +220,19 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<ExitCode> {
         let step = rows.len().div_ceil(args.limit);
         rows = rows.into_iter().step_by(step).collect();
     }
+    // Output paths are checked before any row is scored, not after.
+    for out in [&args.json, &args.plot].into_iter().flatten() {
+        let dir = out.parent().filter(|d| !d.as_os_str().is_empty());
+        if let Some(dir) = dir {
+            anyhow::ensure!(
+                dir.is_dir(),
+                "cannot write {}: directory {} does not exist",
+                out.display(),
+                dir.display()
+            );
+        }
+    }
+    anyhow::ensure!(!rows.is_empty(), "{} holds no rows", args.data.display());
     let mut scorer = args.model.load()?;
     let bar = crate::detector::train::progress_bar(rows.len() as u64, "eval");
     let (report, scored) = crate::detector::eval::evaluate(

@@ -47,7 +47,7 @@ pub enum Commands {
     /// Measure detection quality on labelled JSONL through the daemon's scoring path.
     Eval(EvalArgs),
     /// Fit a detector (a classifier head on the base model's hidden states)
-    /// and write it as a detector file next to the base GGUF.
+    /// and write it as OUT.detector.json; serve it from the base GGUF's directory.
     Train(TrainArgs),
 }
 
@@ -144,8 +144,9 @@ pub struct ModelArgs {
     /// Directory holding GGUF models.
     #[arg(long, env = "PROMPTGATE_MODELS_DIR", default_value = "models")]
     pub models_dir: PathBuf,
-    /// Pin the model: a file name in --models-dir, or a path. Without it the
-    /// newest valid GGUF in the directory serves (see docs/models.md).
+    /// Pin the model: a detector file or a GGUF, by name in --models-dir or
+    /// by path. Without it a detector file in the directory serves before any
+    /// bare GGUF, and the newest valid one of its kind (see docs/models.md).
     #[arg(long, env = "PROMPTGATE_MODEL")]
     pub model: Option<String>,
     /// CPU threads for inference (default: all cores).

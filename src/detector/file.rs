@@ -191,6 +191,45 @@ impl DetectorFile {
         if spec.layers.is_empty() || spec.pooling.is_empty() || spec.window_tokens == 0 {
             return Err(invalid("features name no layer, pooling or window".into()));
         }
+        if file.features.normalization != super::train::FEATURE_VERSION {
+            return Err(invalid(format!(
+                "features are {:?}; this build computes {:?}",
+                file.features.normalization,
+                super::train::FEATURE_VERSION
+            )));
+        }
+        let mut layers = spec.layers.clone();
+        layers.sort_unstable();
+        layers.dedup();
+        if layers.len() != spec.layers.len() {
+            return Err(invalid(format!(
+                "features name a layer twice: {:?}",
+                spec.layers
+            )));
+        }
+        let mut pooling = spec.pooling.clone();
+        pooling.dedup();
+        if pooling.len() != spec.pooling.len() {
+            return Err(invalid(format!(
+                "features name a pooling twice: {:?}",
+                spec.pooling
+            )));
+        }
+        if file.features.window_overlap * 2 > spec.window_tokens {
+            return Err(invalid(format!(
+                "window_overlap {} is more than half of window_tokens {}",
+                file.features.window_overlap, spec.window_tokens
+            )));
+        }
+        if file.base.file.is_empty()
+            || Path::new(&file.base.file).components().count() != 1
+            || file.base.file.starts_with('.')
+        {
+            return Err(invalid(format!(
+                "base.file {:?} must be a plain file name",
+                file.base.file
+            )));
+        }
         let dim = file.head.dim();
         if dim == 0 || !dim.is_multiple_of(spec.layers.len() * spec.pooling.len()) {
             return Err(invalid(format!(
@@ -217,11 +256,23 @@ impl DetectorFile {
             reason,
         };
         let mut tried = Vec::new();
-        let dirs = [
-            detector.parent().map(Path::to_path_buf),
-            models_dir.map(Path::to_path_buf),
-        ];
-        for dir in dirs.into_iter().flatten() {
+        let mut dirs: Vec<PathBuf> = [detector.parent(), models_dir]
+            .into_iter()
+            .flatten()
+            .map(|d| {
+                if d.as_os_str().is_empty() {
+                    PathBuf::from(".")
+                } else {
+                    d.to_path_buf()
+                }
+            })
+            .collect();
+        dirs.dedup_by(|a, b| {
+            a.canonicalize()
+                .ok()
+                .is_some_and(|a| Some(a) == b.canonicalize().ok())
+        });
+        for dir in dirs {
             let candidate = dir.join(&self.base.file);
             if candidate.is_file() {
                 let sha = sha256_file(&candidate).map_err(|e| {
@@ -293,11 +344,25 @@ pub fn load_scorer(
     };
     let scorer =
         crate::engine::llama::LlamaScorer::load_detector(&base, config, file.parts(detector, sha))?;
-    if scorer.template_sha256() != file.features.template_sha256 {
+    if scorer.profile().name != file.features.profile
+        || scorer.template_sha256() != file.features.template_sha256
+    {
         return Err(load_err(format!(
-            "the base model's template (profile {}) differs from the one the detector was trained with (profile {})",
+            "the base model's template (profile {}, sha256 {}) differs from the one the detector was trained with (profile {}, sha256 {})",
             scorer.profile().name,
-            file.features.profile
+            scorer.template_sha256(),
+            file.features.profile,
+            file.features.template_sha256
+        )));
+    }
+    let n_embd = usize::try_from(scorer.model_handle().n_embd()).unwrap_or(0);
+    let expected = file.features.spec.layers.len() * file.features.spec.pooling.len() * n_embd;
+    if file.head.dim() != expected {
+        return Err(load_err(format!(
+            "the head has {} weights; {} layers x {} poolings x n_embd {n_embd} of the base model make {expected}",
+            file.head.dim(),
+            file.features.spec.layers.len(),
+            file.features.spec.pooling.len()
         )));
     }
     Ok(scorer)
@@ -325,7 +390,7 @@ mod tests {
                 window_overlap: 16,
                 profile: "p".into(),
                 template_sha256: "cd".repeat(32),
-                normalization: "n".into(),
+                normalization: crate::detector::train::FEATURE_VERSION.into(),
                 training_windows: "first".into(),
             },
             head: LogisticHead {

@@ -45,7 +45,7 @@ impl LogisticHead {
     pub fn validate(&self, dim: usize) -> Result<(), String> {
         if self.weights.len() != dim || self.mean.len() != dim || self.scale.len() != dim {
             return Err(format!(
-                "head has {} weights, {} means and {} scales; the features have {dim} dimensions",
+                "head has {} weights, {} means and {} scales; they must all have {dim}",
                 self.weights.len(),
                 self.mean.len(),
                 self.scale.len()

@@ -104,7 +104,8 @@ pub fn auroc(rows: &[Scored]) -> Option<f64> {
     let mut i = 0;
     while i < scored.len() {
         let mut j = i;
-        while j < scored.len() && scored[j].0 == scored[i].0 {
+        // total_cmp, not ==: a NaN score must still end its run of ties.
+        while j < scored.len() && scored[j].0.total_cmp(&scored[i].0).is_eq() {
             j += 1;
         }
         let avg_rank = (i + 1 + j) as f64 / 2.0; // ranks i+1 ..= j
@@ -244,6 +245,11 @@ mod tests {
         assert_eq!(auroc(&rows(&[(true, 0.9), (false, 0.1)])), Some(1.0));
         // Inverted.
         assert_eq!(auroc(&rows(&[(true, 0.1), (false, 0.9)])), Some(0.0));
+        // A NaN score (a broken head) ends; it sorts above every number.
+        assert_eq!(
+            auroc(&rows(&[(true, f64::NAN), (false, 0.9), (false, f64::NAN)])),
+            Some(0.75)
+        );
         // All tied: chance.
         assert_eq!(
             auroc(&rows(&[(true, 0.5), (false, 0.5), (true, 0.5)])),

@@ -22,7 +22,7 @@ pub fn roc_points(rows: &[Scored]) -> Vec<(f64, f64)> {
     let mut i = 0;
     while i < s.len() {
         let v = s[i].0;
-        while i < s.len() && s[i].0 == v {
+        while i < s.len() && s[i].0.total_cmp(&v).is_eq() {
             if s[i].1 {
                 tp += 1.0;
             } else {

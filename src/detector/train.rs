@@ -33,7 +33,7 @@ use super::metrics::{auroc, best_f1_threshold, recall_at_fpr, Confusion, Scored}
 use crate::engine::llama::{sha256_file, FeatureSpec, LlamaConfig, LlamaScorer, Pooling};
 
 /// Version of the text normalisation and feature layout, part of the cache key.
-const FEATURE_VERSION: &str = "promptgate-features/1";
+pub const FEATURE_VERSION: &str = "promptgate-features/1";
 
 /// A group key: (source, label).
 type Group = (String, String);
@@ -256,6 +256,19 @@ pub fn extract(
             }
         }
         bar.inc(1);
+        if bar.is_hidden() && bar.position().is_multiple_of(250) {
+            let rate = bar.position() as f64 / bar.elapsed().as_secs_f64().max(1e-9);
+            tracing::info!(
+                done = bar.position(),
+                of = todo,
+                rows_per_s = format!("{rate:.2}"),
+                eta_s = format!(
+                    "{:.0}",
+                    (todo as f64 - bar.position() as f64) / rate.max(1e-9)
+                ),
+                "{label}: extracting"
+            );
+        }
         since_flush += 1;
         if since_flush >= 50 {
             cache.flush()?;
@@ -271,8 +284,11 @@ pub fn extract(
 pub fn progress_bar(len: u64, label: &str) -> indicatif::ProgressBar {
     use std::io::IsTerminal;
     if !std::io::stderr().is_terminal() || len == 0 {
-        tracing::info!(rows = len, "{label}");
-        return indicatif::ProgressBar::hidden();
+        tracing::info!(rows = len, "{label}: rows to score");
+        // Hidden, but it still counts: callers log progress from it.
+        let bar = indicatif::ProgressBar::hidden();
+        bar.set_length(len);
+        return bar;
     }
     let bar = indicatif::ProgressBar::new(len);
     bar.set_style(
@@ -350,6 +366,17 @@ fn score_rows(head: &LogisticHead, x: &[Vec<f32>], rows: &[Row]) -> Vec<Scored> 
 /// Unreadable data or model, no usable rows, or an unwritable output.
 pub fn run(args: &crate::config::TrainArgs) -> anyhow::Result<PathBuf> {
     let started = std::time::Instant::now();
+    anyhow::ensure!(
+        args.l2.iter().all(|l| l.is_finite() && *l >= 0.0),
+        "--l2 values must be finite and >= 0, got {:?}",
+        args.l2
+    );
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&args.max_fpr),
+        "--max-fpr must be in [0, 1], got {}",
+        args.max_fpr
+    );
+    anyhow::ensure!(args.window_tokens > 0, "--window-tokens must be positive");
     let mut train_rows = Vec::new();
     let mut data_refs = Vec::new();
     for p in &args.data {
@@ -376,10 +403,17 @@ pub fn run(args: &crate::config::TrainArgs) -> anyhow::Result<PathBuf> {
     };
     let train = sample_per_group(&train_rows, args.per_group, args.seed);
     let dev = sample_stratified(&dev_all, args.dev_limit, args.seed);
-    anyhow::ensure!(
-        !train.is_empty() && !dev.is_empty(),
-        "no training or dev rows"
-    );
+    for (what, rows) in [
+        ("training rows (--data)", &train),
+        ("dev rows (--dev)", &dev),
+    ] {
+        let malicious = rows.iter().filter(|r| r.label == "malicious").count();
+        anyhow::ensure!(
+            malicious > 0 && malicious < rows.len(),
+            "the {what} hold {malicious} malicious and {} benign rows: both labels are needed",
+            rows.len() - malicious
+        );
+    }
 
     let config = LlamaConfig {
         threads: args.threads.unwrap_or(LlamaConfig::default().threads),
@@ -435,8 +469,8 @@ pub fn run(args: &crate::config::TrainArgs) -> anyhow::Result<PathBuf> {
         cache = %cache.path().display(),
         "extracting features"
     );
-    let train_x = extract(&mut scorer, &mut cache, &train, "train")?;
-    let dev_x = extract(&mut scorer, &mut cache, &dev, "dev")?;
+    let train_x = extract(&mut scorer, &mut cache, &train, "train (not cached)")?;
+    let dev_x = extract(&mut scorer, &mut cache, &dev, "dev (not cached)")?;
     let extract_s = started.elapsed().as_secs_f64();
     if args.extract_only {
         eprintln!(

@@ -427,8 +427,9 @@ impl LlamaScorer {
             }
             if let Some(bad) = spec.layers.iter().find(|&&l| l + 1 >= n_layer) {
                 return Err(unsupported(format!(
-                    "layer {bad} is out of range: this model has {n_layer} layers and the last cannot be read (use 0..{})",
-                    n_layer.saturating_sub(1)
+                    "layer {bad} is out of range: this model has {n_layer} layers (0..={}); the last one cannot be read, so use 0..={}",
+                    n_layer.saturating_sub(1),
+                    n_layer.saturating_sub(2)
                 )));
             }
             if window_tokens < spec.window_tokens {

@@ -252,7 +252,13 @@ impl Worker {
 
 /// Scores the canaries once: the model's warm-up, and a check that a trained
 /// detector still tells an obvious attack from an obvious question.
-fn warm_up(scorer: &mut dyn Scorer) -> Result<(), EngineError> {
+/// Scores the [`CANARIES`]: every score must be finite, and a trained
+/// detector must put each on its side of its threshold. `serve` runs it
+/// before a model may serve, `classify` and `eval` before they use one.
+///
+/// # Errors
+/// [`EngineError::Unsupported`] naming the canary that failed.
+pub fn warm_up(scorer: &mut dyn Scorer) -> Result<(), EngineError> {
     for (text, malicious) in CANARIES {
         let score = scorer.score(text)?;
         if !score.p_malicious.is_finite() {
