@@ -142,6 +142,7 @@ fn a_detector_base_model_writes_the_reason_and_scores_stay_the_same() {
             name: "test.detector.json".into(),
             sha256: "00".into(),
         },
+        base_sha256: None,
     };
     let mut s = LlamaScorer::load_detector(&common::smollm2(), config(), parts).unwrap();
     let before = [s.score(ATTACK).unwrap(), s.score(QUESTION).unwrap()];

@@ -314,6 +314,7 @@ impl DetectorFile {
                 name,
                 sha256: detector_sha256,
             },
+            base_sha256: Some(self.base.sha256.clone()),
         }
     }
 }

@@ -226,20 +226,20 @@ pub fn extract(
     rows: &[Row],
     label: &str,
 ) -> anyhow::Result<Vec<Option<Vec<f32>>>> {
-    let todo = rows
+    // Normalise and hash each row once.
+    let texts: Vec<(String, [u8; 32])> = rows
         .iter()
-        .filter(|r| {
-            cache
-                .get(&text_hash(&crate::normalize::normalize(&r.text).text))
-                .is_none()
+        .map(|r| {
+            let text = crate::normalize::normalize(&r.text).text;
+            let h = text_hash(&text);
+            (text, h)
         })
-        .count();
+        .collect();
+    let todo = texts.iter().filter(|(_, h)| cache.get(h).is_none()).count();
     let bar = progress_bar(todo as u64, label);
     let mut out = Vec::with_capacity(rows.len());
     let mut since_flush = 0;
-    for r in rows {
-        let text = crate::normalize::normalize(&r.text).text;
-        let h = text_hash(&text);
+    for (text, h) in texts {
         if let Some((_, v)) = cache.get(&h) {
             out.push(Some(v.clone()));
             continue;

@@ -104,6 +104,9 @@ pub struct DetectorParts {
     pub threshold: f64,
     /// Named in answers: the detector file and its sha256.
     pub model_ref: ModelRef,
+    /// The base GGUF's sha256 when the caller has already hashed it (the
+    /// detector file's check), so the base is not read twice; `None`: hash it.
+    pub base_sha256: Option<String>,
 }
 
 /// The process-wide llama.cpp backend: `llama_backend_init` may run only once.
@@ -288,7 +291,7 @@ impl LlamaScorer {
     /// [`EngineError::Load`] for unreadable or invalid files,
     /// [`EngineError::Unsupported`] when the profile cannot be applied.
     pub fn load(path: &Path, config: LlamaConfig) -> Result<LlamaScorer, EngineError> {
-        Self::load_inner(path, config, None)
+        Self::load_inner(path, config, None, None)
     }
 
     /// Loads `path` as a feature extractor: [`LlamaScorer::features`] returns
@@ -303,7 +306,7 @@ impl LlamaScorer {
         config: LlamaConfig,
         spec: FeatureSpec,
     ) -> Result<LlamaScorer, EngineError> {
-        Self::load_inner(path, config, Some(spec))
+        Self::load_inner(path, config, Some(spec), None)
     }
 
     /// Loads a trained detector on its base GGUF `path`. The caller has checked
@@ -316,7 +319,7 @@ impl LlamaScorer {
         config: LlamaConfig,
         parts: DetectorParts,
     ) -> Result<LlamaScorer, EngineError> {
-        let mut scorer = Self::load_inner(path, config, Some(parts.features))?;
+        let mut scorer = Self::load_inner(path, config, Some(parts.features), parts.base_sha256)?;
         scorer.head = Some((parts.head, parts.threshold));
         scorer.model_ref = parts.model_ref;
         Ok(scorer)
@@ -326,13 +329,17 @@ impl LlamaScorer {
         path: &Path,
         config: LlamaConfig,
         features: Option<FeatureSpec>,
+        known_sha256: Option<String>,
     ) -> Result<LlamaScorer, EngineError> {
         let load_err = |reason: String| EngineError::Load {
             path: path.display().to_string(),
             reason,
         };
         check_gguf_header(path)?;
-        let sha256 = sha256_file(path).map_err(|e| load_err(e.to_string()))?;
+        let sha256 = match known_sha256 {
+            Some(sha) => sha,
+            None => sha256_file(path).map_err(|e| load_err(e.to_string()))?,
+        };
         let name = path.file_name().map_or_else(
             || path.display().to_string(),
             |n| n.to_string_lossy().into_owned(),
