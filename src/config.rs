@@ -49,6 +49,61 @@ pub enum Commands {
     /// Fit a detector (a classifier head on the base model's hidden states)
     /// and write it as OUT.detector.json; serve it from the base GGUF's directory.
     Train(TrainArgs),
+    /// Measure latency, throughput, start-up and memory of the real daemon
+    /// over its socket, side by side with llama-server on the same GGUF.
+    Bench(BenchArgs),
+}
+
+/// `promptgate bench` (see docs/performance.md).
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Directory holding the models.
+    #[arg(long, env = "PROMPTGATE_MODELS_DIR", default_value = "models")]
+    pub models_dir: PathBuf,
+    /// Models to measure, by name in --models-dir (comma-separated or
+    /// repeated); default: every detector file, then every GGUF.
+    #[arg(long = "model", env = "PROMPTGATE_BENCH_MODELS", value_delimiter = ',')]
+    pub models: Vec<String>,
+    /// CPU threads, given to both promptgate and llama-server (default: all cores).
+    #[arg(long, env = "PROMPTGATE_THREADS")]
+    pub threads: Option<usize>,
+    /// The llama-server binary to measure side by side (build it with
+    /// benches/peer/build-llama-server.sh); without it only promptgate runs.
+    #[arg(long, env = "PROMPTGATE_LLAMA_SERVER")]
+    pub llama_server: Option<PathBuf>,
+    /// llama-server's `--parallel` (slots).
+    #[arg(long, env = "PROMPTGATE_BENCH_PEER_PARALLEL", default_value_t = 4)]
+    pub peer_parallel: usize,
+    /// Prompt sizes: short (~20 tokens), medium (~150), long (~1,500).
+    #[arg(
+        long,
+        env = "PROMPTGATE_BENCH_SIZES",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "short,medium,long"
+    )]
+    pub sizes: Vec<crate::bench::Size>,
+    /// Concurrent clients, each with one request in flight.
+    #[arg(
+        long,
+        env = "PROMPTGATE_BENCH_CONCURRENCY",
+        value_delimiter = ',',
+        default_value = "1,4,16"
+    )]
+    pub concurrency: Vec<usize>,
+    /// Requests per server per cell (0: 64 short, 32 medium, 8 long, and at
+    /// least twice the clients).
+    #[arg(long, env = "PROMPTGATE_BENCH_REQUESTS", default_value_t = 0)]
+    pub requests: usize,
+    /// Rounds each cell alternates between the two servers.
+    #[arg(long, env = "PROMPTGATE_BENCH_ROUNDS", default_value_t = 2)]
+    pub rounds: usize,
+    /// Skip the in-process prompt-processing comparison.
+    #[arg(long, env = "PROMPTGATE_BENCH_NO_PP")]
+    pub no_pp: bool,
+    /// Write the report as JSON here.
+    #[arg(long, env = "PROMPTGATE_BENCH_JSON")]
+    pub json: Option<PathBuf>,
 }
 
 /// `promptgate train`.
@@ -97,6 +152,11 @@ pub struct TrainArgs {
     /// The threshold maximises dev F1 subject to a dev false-positive rate at most this.
     #[arg(long, env = "PROMPTGATE_TRAIN_MAX_FPR", default_value_t = 0.03)]
     pub max_fpr: f64,
+    /// Trade dev F1 for speed: ship the candidate whose deepest layer is
+    /// shallowest among those within this much of the best dev F1 (0: the
+    /// best dev F1 wins).
+    #[arg(long, env = "PROMPTGATE_TRAIN_F1_TOLERANCE", default_value_t = 0.0)]
+    pub f1_tolerance: f64,
     /// Where extracted features are cached (keyed by model sha256, settings and text).
     #[arg(
         long,

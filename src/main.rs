@@ -29,6 +29,7 @@ fn main() -> std::process::ExitCode {
         Commands::Serve(args) => app::serve(args),
         Commands::Eval(args) => app::eval(args),
         Commands::Train(args) => app::train(args),
+        Commands::Bench(args) => promptgate::bench::run(args).map(|_| ExitCode::Ok),
     };
     let code = result.unwrap_or_else(|e| {
         tracing::error!("{e:#}");

@@ -302,6 +302,40 @@ pub fn progress_bar(len: u64, label: &str) -> indicatif::ProgressBar {
     bar
 }
 
+/// The candidate to ship: among those within `f1_tolerance` of the best dev
+/// F1, the one whose deepest layer is shallowest (the forward pass stops
+/// there, so it is the cheapest to serve); ties go to the higher dev F1, then
+/// the higher dev AUROC, then the earlier candidate. Tolerance 0 is plain
+/// "best dev F1". Candidates without a threshold on dev are never chosen.
+pub fn choose<H>(fitted: Vec<(Candidate, H)>, f1_tolerance: f64) -> Option<(Candidate, H)> {
+    let best_f1 = fitted
+        .iter()
+        .filter_map(|(c, _)| c.f1)
+        .fold(f64::NEG_INFINITY, f64::max);
+    let depth = |c: &Candidate| c.layers.iter().copied().max().unwrap_or(0);
+    let mut pick: Option<(Candidate, H)> = None;
+    for (c, h) in fitted {
+        let Some(f) = c.f1 else { continue };
+        if f < best_f1 - f1_tolerance.max(0.0) - 1e-9 {
+            continue;
+        }
+        let better = match &pick {
+            None => true,
+            Some((b, _)) => {
+                let (bf, ba) = (b.f1.unwrap_or(-1.0), b.auroc.unwrap_or(0.0));
+                let a = c.auroc.unwrap_or(0.0);
+                depth(&c) < depth(b)
+                    || (depth(&c) == depth(b)
+                        && (f > bf + 1e-9 || ((f - bf).abs() <= 1e-9 && a > ba)))
+            }
+        };
+        if better {
+            pick = Some((c, h));
+        }
+    }
+    pick
+}
+
 /// One candidate's dev figures.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Candidate {
@@ -498,11 +532,13 @@ pub fn run(args: &crate::config::TrainArgs) -> anyhow::Result<PathBuf> {
     ];
     pools.dedup();
     let mut candidates = Vec::new();
-    let mut best: Option<(Candidate, LogisticHead)> = None;
-    // Each candidate layer alone, then all of them concatenated.
+    let mut fitted: Vec<(Candidate, LogisticHead)> = Vec::new();
+    // Each candidate layer alone, then the shallowest two, three, ... all of
+    // them concatenated (a forward pass stops after its deepest layer, so a
+    // set's cost is set by its deepest layer).
     let mut layer_sets: Vec<Vec<u32>> = spec.layers.iter().map(|&l| vec![l]).collect();
-    if spec.layers.len() > 1 {
-        layer_sets.push(spec.layers.clone());
+    for n in 2..=spec.layers.len() {
+        layer_sets.push(spec.layers[..n].to_vec());
     }
     for layers in &layer_sets {
         for pooling in &pools {
@@ -550,21 +586,13 @@ pub fn run(args: &crate::config::TrainArgs) -> anyhow::Result<PathBuf> {
                     c.fpr.unwrap_or(f64::NAN),
                     c.recall_at_1pct_fpr.unwrap_or(f64::NAN),
                 );
-                let better = match &best {
-                    None => c.f1.is_some(),
-                    Some((b, _)) => {
-                        let (f, bf) = (c.f1.unwrap_or(-1.0), b.f1.unwrap_or(-1.0));
-                        f > bf + 1e-9 || ((f - bf).abs() <= 1e-9 && c.auroc > b.auroc)
-                    }
-                };
-                if better {
-                    best = Some((c.clone(), head));
-                }
-                candidates.push(c);
+                candidates.push(c.clone());
+                fitted.push((c, head));
             }
         }
     }
-    let (chosen, head) = best.context("no candidate reached a threshold on dev")?;
+    let (chosen, head) =
+        choose(fitted, args.f1_tolerance).context("no candidate reached a threshold on dev")?;
     let threshold = chosen.threshold.context("no threshold")?;
 
     // Dev report of the chosen head, per source.
@@ -660,6 +688,44 @@ mod tests {
             category: None,
             source: Some(source.into()),
         }
+    }
+
+    fn cand(layers: &[u32], f1: f64, auroc: f64) -> Candidate {
+        Candidate {
+            layers: layers.to_vec(),
+            pooling: vec![Pooling::Mean],
+            l2: 1e-3,
+            auroc: Some(auroc),
+            threshold: Some(0.5),
+            f1: Some(f1),
+            fpr: Some(0.02),
+            recall_at_1pct_fpr: None,
+        }
+    }
+
+    #[test]
+    fn choice_trades_f1_for_depth_only_within_the_tolerance() {
+        let fitted = || {
+            vec![
+                (cand(&[8], 0.90, 0.97), "8"),
+                (cand(&[8, 12], 0.940, 0.985), "8+12"),
+                (cand(&[12], 0.940, 0.990), "12"),
+                (cand(&[8, 12, 16, 20], 0.948, 0.990), "all"),
+                (
+                    Candidate {
+                        f1: None,
+                        threshold: None,
+                        ..cand(&[4], 0.99, 0.99)
+                    },
+                    "no threshold",
+                ),
+            ]
+        };
+        assert_eq!(choose(fitted(), 0.0).unwrap().1, "all");
+        // Within 0.01: depth 12 wins; of the two at depth 12, the higher AUROC.
+        assert_eq!(choose(fitted(), 0.01).unwrap().1, "12");
+        assert_eq!(choose(fitted(), 0.05).unwrap().1, "8");
+        assert!(choose(Vec::<(Candidate, ())>::new(), 0.0).is_none());
     }
 
     #[test]

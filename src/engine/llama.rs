@@ -573,6 +573,27 @@ impl LlamaScorer {
         &self.model
     }
 
+    /// The loaded model, shared (for a second context on the same weights).
+    pub fn shared_model(&self) -> Arc<LlamaModel> {
+        Arc::clone(&self.model)
+    }
+
+    /// The GGUF this scorer runs (a detector's base model).
+    pub fn gguf_path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The whole classification prompt of `text` as token ids, exactly as a
+    /// single-window score decodes it: the template's prefix (with BOS), the
+    /// text's tokens, the template's suffix. What `promptgate bench` sends a
+    /// peer server so that both evaluate the same tokens.
+    pub fn classification_tokens(&self, text: &str) -> Vec<LlamaToken> {
+        let mut all = self.prefix.clone();
+        all.extend(self.tokenize_text(text));
+        all.extend_from_slice(&self.suffix);
+        all
+    }
+
     /// Tokenizes user text as the scorer does: no BOS, special tokens not parsed.
     pub fn tokenize_text(&self, text: &str) -> Vec<LlamaToken> {
         self.model.vocab().tokenize(text.as_bytes(), false, false)
