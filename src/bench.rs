@@ -66,14 +66,15 @@ impl Size {
         }
     }
 
-    /// Requests per (size, clients) cell when `--requests` is 0.
+    /// Requests per (size, clients) cell when `--requests` is 0: at least
+    /// one per client.
     fn default_requests(self, clients: usize) -> usize {
         let base = match self {
             Size::Short => 64,
             Size::Medium => 32,
             Size::Long => 8,
         };
-        base.max(2 * clients)
+        base.max(clients)
     }
 }
 
@@ -245,32 +246,43 @@ fn corpus() -> Vec<String> {
         .collect()
 }
 
-/// Up to `count` prompts of one size, with their token counts. Short: single
-/// corpus rows of 14 to 32 tokens. Medium and long: consecutive rows joined
-/// by newlines until the prompt has at least `size.min_tokens()` tokens.
+/// `count` distinct prompts of one size, with their token counts. Prompt `i`
+/// starts at corpus row `i` and joins the rows after it (by newlines) until
+/// it has at least `size.min_tokens()` tokens; short prompts (one or two
+/// rows) must also stay within 32 tokens, or that start is skipped. Every
+/// request of a run gets its own prompt, so no server can answer from a
+/// cache of whole prompts (llama-server keeps finished prompts' KV state in
+/// its slots and in RAM, `--cache-ram`); only the template prefix is shared.
+/// When the corpus runs out of starts, prompts repeat.
 fn prompts(scorer: &LlamaScorer, size: Size, count: usize) -> Vec<(String, usize)> {
     let rows = corpus();
-    let mut out = Vec::new();
-    let mut text = String::new();
-    for row in rows.iter().cycle().take(rows.len() * 8) {
+    let row_tokens: Vec<usize> = rows.iter().map(|r| scorer.tokenize_text(r).len()).collect();
+    let mut out: Vec<(String, usize)> = Vec::new();
+    for start in 0..rows.len() {
         if out.len() >= count {
             break;
         }
-        if size == Size::Short {
-            let n = scorer.tokenize_text(row).len();
-            if (size.min_tokens()..=32).contains(&n) {
-                out.push((row.clone(), n));
+        let (mut text, mut estimate) = (String::new(), 0usize);
+        for k in 0..rows.len() {
+            let j = (start + k) % rows.len();
+            if !text.is_empty() {
+                text.push('\n');
             }
+            text.push_str(&rows[j]);
+            estimate += row_tokens[j] + 1;
+            if estimate >= size.min_tokens() {
+                break;
+            }
+        }
+        let n = scorer.tokenize_text(&text).len();
+        if n < size.min_tokens() || (size == Size::Short && n > 32) {
             continue;
         }
-        if !text.is_empty() {
-            text.push('\n');
-        }
-        text.push_str(row);
-        let n = scorer.tokenize_text(&text).len();
-        if n >= size.min_tokens() {
-            out.push((std::mem::take(&mut text), n));
-        }
+        out.push((text, n));
+    }
+    let unique = out.len();
+    for i in 0..count.saturating_sub(unique) {
+        out.push(out[i % unique.max(1)].clone());
     }
     out
 }
@@ -322,7 +334,28 @@ fn bench_model(
 
     let mut cells = Vec::new();
     for &size in &args.sizes {
-        let set = prompts(&zero_shot, size, 16);
+        // The plan of every cell at this size, to give each request its own prompt.
+        let plan: Vec<(usize, usize, usize)> = args
+            .concurrency
+            .iter()
+            .map(|&clients| {
+                let requests = if args.requests == 0 {
+                    size.default_requests(clients)
+                } else {
+                    args.requests.max(clients)
+                };
+                // Every round keeps all clients busy, so fewer rounds when
+                // the requests cannot fill each of them.
+                let rounds = args.rounds.clamp(1, (requests / clients).max(1));
+                (clients, rounds, requests.div_ceil(rounds).max(clients))
+            })
+            .collect();
+        let warm = |clients: usize| clients.max(args.peer_parallel);
+        let needed: usize = plan
+            .iter()
+            .map(|&(clients, rounds, per_round)| warm(clients) + rounds * per_round)
+            .sum();
+        let set = prompts(&zero_shot, size, needed);
         if set.is_empty() {
             bail!("the corpus cannot make {size:?} prompts");
         }
@@ -332,30 +365,28 @@ fn bench_model(
             .iter()
             .map(|(text, _)| Body::new(text, &zero_shot))
             .collect();
-        for &clients in &args.concurrency {
-            let requests = if args.requests == 0 {
-                size.default_requests(clients)
-            } else {
-                args.requests.max(clients)
-            };
-            let rounds = args.rounds.max(1);
-            let per_round = requests.div_ceil(rounds).max(clients);
+        let mut cursor = 0usize;
+        let mut take = |n: usize| {
+            let slice = &bodies[cursor..cursor + n];
+            cursor += n;
+            slice
+        };
+        for &(clients, rounds, per_round) in &plan {
             // Warm-up, not counted: every slot of the peer and the daemon's
             // prefix cache see the template once at this size.
-            pg.drive(&bodies, clients, clients)?;
+            let warm_up = take(warm(clients));
+            pg.drive(warm_up, clients, clients)?;
             if let Some((s, _)) = &mut peer {
-                s.drive(
-                    &bodies,
-                    clients.max(args.peer_parallel),
-                    clients.max(args.peer_parallel),
-                )?;
+                s.drive(warm_up, warm(clients), warm(clients))?;
             }
             let mut pg_all = Samples::default();
             let mut peer_all = Samples::default();
             for _ in 0..rounds {
-                pg_all.extend(pg.drive(&bodies, clients, per_round)?);
+                // Both servers get the same prompts in each round.
+                let round = take(per_round);
+                pg_all.extend(pg.drive(round, clients, per_round)?);
                 if let Some((s, _)) = &mut peer {
-                    peer_all.extend(s.drive(&bodies, clients, per_round)?);
+                    peer_all.extend(s.drive(round, clients, per_round)?);
                 }
             }
             let promptgate = pg_all.side();
@@ -609,6 +640,9 @@ impl Server {
             .arg(threads.to_string())
             .arg("--watch")
             .arg("off")
+            // 16 queued long prompts take longer than the default 30 s
+            // deadline; the bench measures waiting, it does not time it out.
+            .args(["--request-timeout", "3600"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()

@@ -92,7 +92,8 @@ pub struct BenchArgs {
     )]
     pub concurrency: Vec<usize>,
     /// Requests per server per cell (0: 64 short, 32 medium, 8 long, and at
-    /// least twice the clients).
+    /// least one per client). Rounds that cannot give every client one
+    /// request are merged.
     #[arg(long, env = "PROMPTGATE_BENCH_REQUESTS", default_value_t = 0)]
     pub requests: usize,
     /// Rounds each cell alternates between the two servers.
