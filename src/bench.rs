@@ -181,6 +181,13 @@ pub struct Report {
 /// A model that cannot be loaded, a server that does not start within its
 /// timeout, or an unwritable `--json` path. Request errors are counted, not fatal.
 pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
+    if args.concurrency.contains(&0) || args.rounds == 0 || args.peer_parallel == 0 {
+        bail!("--concurrency, --rounds and --peer-parallel must be at least 1");
+    }
+    // Fail before measuring, not after: the --json path must be writable.
+    if let Some(path) = &args.json {
+        std::fs::write(path, b"").with_context(|| format!("cannot write {}", path.display()))?;
+    }
     let threads = args.threads.unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
     });
@@ -189,7 +196,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     } else {
         args.models.clone()
     };
-    let dir = tempfile_dir()?;
+    let dir = TempDir::new()?;
     let mut report = Report {
         machine: machine(),
         threads,
@@ -197,7 +204,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
         runs: Vec::new(),
     };
     for name in &models {
-        let run = bench_model(args, name, threads, &dir)?;
+        let run = bench_model(args, name, threads, &dir.0)?;
         print_run(&run);
         report.runs.push(run);
     }
@@ -206,7 +213,6 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(report)
 }
 
@@ -231,10 +237,34 @@ fn default_models(dir: &Path) -> anyhow::Result<Vec<String>> {
     Ok(detectors)
 }
 
-fn tempfile_dir() -> anyhow::Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("promptgate-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
+/// The bench's socket and log directory, removed on every exit but a kill.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> anyhow::Result<TempDir> {
+        let dir = std::env::temp_dir().join(format!("promptgate-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(TempDir(dir))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Makes `cmd`'s process get SIGTERM when the bench dies, however it dies
+/// (Linux `PR_SET_PDEATHSIG`), so no server outlives an interrupted bench.
+fn die_with_parent(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        })
+    }
 }
 
 /// The corpus rows' texts.
@@ -325,7 +355,13 @@ fn bench_model(
     let mut peer = match &args.llama_server {
         Some(bin) => {
             let started = Instant::now();
-            let mut s = Server::spawn_llama_server(bin, &gguf, threads, args.peer_parallel)?;
+            let mut s = Server::spawn_llama_server(
+                bin,
+                &gguf,
+                threads,
+                args.peer_parallel,
+                &dir.join("llama-server.log"),
+            )?;
             let ms = s.wait_first_answer(first_text, &zero_shot, started)?;
             Some((s, ms))
         }
@@ -615,7 +651,8 @@ struct Server {
 
 enum Kind {
     Promptgate(PathBuf),
-    LlamaServer(String),
+    /// Base URL and the file its stderr goes to.
+    LlamaServer(String, PathBuf),
 }
 
 impl Server {
@@ -626,7 +663,7 @@ impl Server {
         socket: &Path,
     ) -> anyhow::Result<Server> {
         let _ = std::fs::remove_file(socket);
-        let child = Command::new(std::env::current_exe()?)
+        let child = die_with_parent(&mut Command::new(std::env::current_exe()?))
             .arg("--log")
             .arg("warn")
             .arg("serve")
@@ -658,13 +695,14 @@ impl Server {
         gguf: &Path,
         threads: usize,
         parallel: usize,
+        log: &Path,
     ) -> anyhow::Result<Server> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
         // Every slot holds a long prompt (1,500 tokens plus template).
         let n_ctx = 2048 * parallel.max(1);
-        let child = Command::new(bin)
+        let child = die_with_parent(&mut Command::new(bin))
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .arg("-m")
             .arg(gguf)
@@ -673,19 +711,19 @@ impl Server {
             .args(["-b", "2048", "-ub", "512", "--no-warmup"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(log)?)
             .spawn()
             .with_context(|| format!("cannot start {}", bin.display()))?;
         Ok(Server {
             child,
-            kind: Kind::LlamaServer(format!("http://127.0.0.1:{port}")),
+            kind: Kind::LlamaServer(format!("http://127.0.0.1:{port}"), log.to_path_buf()),
         })
     }
 
     fn name(&self) -> &'static str {
         match self.kind {
             Kind::Promptgate(_) => "promptgate",
-            Kind::LlamaServer(_) => "llama-server",
+            Kind::LlamaServer(..) => "llama-server",
         }
     }
 
@@ -700,7 +738,18 @@ impl Server {
         let deadline = started + Duration::from_secs(120);
         loop {
             if let Some(status) = self.child.try_wait()? {
-                bail!("{} exited at start-up: {status}", self.name());
+                let log = match &self.kind {
+                    Kind::LlamaServer(_, log) => std::fs::read_to_string(log).unwrap_or_default(),
+                    Kind::Promptgate(_) => String::new(),
+                };
+                let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                bail!(
+                    "{} exited at start-up: {status}{}{}",
+                    self.name(),
+                    if tail.is_empty() { "" } else { ": " },
+                    tail.join(" | ")
+                );
             }
             if let Ok(mut client) = self.client() {
                 if client.ask(&body, 0).is_ok() {
@@ -720,7 +769,7 @@ impl Server {
                 let stream = UnixStream::connect(socket)?;
                 Client::Promptgate(BufReader::new(stream.try_clone()?), stream)
             }
-            Kind::LlamaServer(base) => Client::LlamaServer(
+            Kind::LlamaServer(base, _) => Client::LlamaServer(
                 ureq::AgentBuilder::new()
                     .timeout(Duration::from_secs(600))
                     .build(),
@@ -941,6 +990,13 @@ fn print_run(run: &ModelRun) {
 /// The targets, checked on every cell that has a peer figure.
 fn print_summary(report: &Report) {
     println!("\n## targets (promptgate / llama-server, same run)");
+    if report
+        .runs
+        .iter()
+        .all(|r| r.cells.iter().all(|c| c.llama_server.is_none()) && r.prompt_processing.is_none())
+    {
+        println!("nothing to compare: no --llama-server and no prompt-processing run");
+    }
     for run in &report.runs {
         for c in &run.cells {
             if c.size == Size::Short && c.clients == 1 {
