@@ -331,12 +331,16 @@ fn bench_model(
         threads,
         ..LlamaConfig::default()
     };
-    // The served unit, loaded once here for its base GGUF; the zero-shot
-    // scorer of that GGUF gives the tokenizer and the classification template
-    // (a detector reads the same template).
-    let gguf = crate::app::load_model(&path, &args.models_dir, config.clone())?
-        .gguf_path()
-        .to_path_buf();
+    // The GGUF the peer serves (a detector's base, found as the daemon finds
+    // it; the daemon itself checks its sha256). Its zero-shot scorer gives the
+    // tokenizer and the classification template (a detector reads the same
+    // template).
+    let gguf = if crate::detector::file::is_detector_path(&path) {
+        crate::detector::file::DetectorFile::read(&path)?
+            .find_base(&path, Some(&args.models_dir))?
+    } else {
+        path.clone()
+    };
     let mut zero_shot = LlamaScorer::load(&gguf, config.clone())?;
     let prompt_processing = if args.no_pp || crate::detector::file::is_detector_path(&path) {
         None
@@ -468,8 +472,6 @@ fn prompt_processing_of(
     scorer: &mut LlamaScorer,
     threads: usize,
 ) -> anyhow::Result<PromptProcessing> {
-    use llama_cpp_2::context::params::LlamaContextParams;
-    use llama_cpp_2::llama_batch::LlamaBatch;
     // Corpus rows joined up to 1,024 prompt tokens (or one window).
     let limit = scorer.window_tokens().unwrap_or(1024).min(1024);
     let mut text = String::new();
@@ -486,30 +488,13 @@ fn prompt_processing_of(
     }
     let tokens = scorer.classification_tokens(&text);
     let n = tokens.len();
-    let n_ctx = u32::try_from(n + 16)?;
-    let backend = crate::engine::llama::backend()?;
     let model = scorer.shared_model();
-    let params = LlamaContextParams::default()
-        .with_n_ctx(std::num::NonZeroU32::new(n_ctx))
-        .with_n_batch(n_ctx)
-        .with_n_ubatch(n_ctx.min(512))
-        .with_n_seq_max(1)
-        .with_n_threads(i32::try_from(threads)?)
-        .with_n_threads_batch(i32::try_from(threads)?);
-    let mut ctx = model.new_context(backend, params)?;
-    let mut batch = LlamaBatch::new(n, 1);
+    // The scorer's own ubatch size for a zero-shot model.
+    let mut plain = PlainDecode::new(&model, vec![tokens], 512, threads)?;
     let mut raw = Vec::new();
     let mut ours = Vec::new();
     for _ in 0..3 {
-        batch.clear();
-        for (i, &t) in tokens.iter().enumerate() {
-            batch.add(t, i32::try_from(i)?, &[0], i + 1 == n)?;
-        }
-        ctx.clear_kv_cache();
-        let t0 = Instant::now();
-        ctx.decode(&mut batch)?;
-        let _ = ctx.get_logits_ith(i32::try_from(n - 1)?);
-        raw.push(t0.elapsed().as_secs_f64());
+        raw.push(plain.seconds()?);
         let t0 = Instant::now();
         scorer.score_uncached(&text)?;
         ours.push(t0.elapsed().as_secs_f64());
@@ -520,7 +505,7 @@ fn prompt_processing_of(
     };
     let llama_cpp_tps = n as f64 / median(&mut raw);
     let promptgate_tps = n as f64 / median(&mut ours);
-    drop(ctx);
+    drop(plain);
 
     let short = prompts(scorer, Size::Short, 16);
     let mut batched_tps = Vec::new();
@@ -532,30 +517,11 @@ fn prompt_processing_of(
             .map(|(t, _)| scorer.classification_tokens(t))
             .collect();
         let total: usize = prompts.iter().map(Vec::len).sum();
-        let n_ctx = u32::try_from(total + 16)?;
-        let params = LlamaContextParams::default()
-            .with_n_ctx(std::num::NonZeroU32::new(n_ctx))
-            .with_n_batch(n_ctx)
-            .with_n_ubatch(n_ctx)
-            .with_n_seq_max(u32::try_from(seqs)?)
-            .with_kv_unified(true)
-            .with_n_threads(i32::try_from(threads)?)
-            .with_n_threads_batch(i32::try_from(threads)?);
-        let mut ctx = model.new_context(backend, params)?;
-        let mut batch = LlamaBatch::new(total, i32::try_from(seqs)?);
-        let mut times = Vec::new();
-        for _ in 0..3 {
-            batch.clear();
-            for (s, p) in prompts.iter().enumerate() {
-                for (i, &t) in p.iter().enumerate() {
-                    batch.add(t, i32::try_from(i)?, &[i32::try_from(s)?], i + 1 == p.len())?;
-                }
-            }
-            ctx.clear_kv_cache();
-            let t0 = Instant::now();
-            ctx.decode(&mut batch)?;
-            times.push(t0.elapsed().as_secs_f64());
-        }
+        // All sequences in one ubatch: one decode, one pass over the weights.
+        let mut plain = PlainDecode::new(&model, prompts, total, threads)?;
+        let mut times = (0..3)
+            .map(|_| plain.seconds())
+            .collect::<anyhow::Result<Vec<f64>>>()?;
         batched_tps.push((seqs, total as f64 / median(&mut times)));
     }
     Ok(PromptProcessing {
@@ -565,6 +531,59 @@ fn prompt_processing_of(
         ratio: promptgate_tps / llama_cpp_tps,
         batched_tps,
     })
+}
+
+/// A plain `llama_decode` of some prompts, one sequence each, on a fresh
+/// context of the model: llama.cpp's own speed through the same crate.
+struct PlainDecode<'a> {
+    ctx: llama_cpp_2::context::LlamaContext<'a>,
+    batch: llama_cpp_2::llama_batch::LlamaBatch<'a>,
+    prompts: Vec<Vec<llama_cpp_2::token::LlamaToken>>,
+}
+
+impl<'a> PlainDecode<'a> {
+    /// A context holding all of `prompts`, decoded in ubatches of at most
+    /// `n_ubatch` tokens on `threads` threads.
+    fn new(
+        model: &'a llama_cpp_2::model::LlamaModel,
+        prompts: Vec<Vec<llama_cpp_2::token::LlamaToken>>,
+        n_ubatch: usize,
+        threads: usize,
+    ) -> anyhow::Result<PlainDecode<'a>> {
+        let total: usize = prompts.iter().map(Vec::len).sum();
+        let n_ctx = u32::try_from(total + 16)?;
+        let params = llama_cpp_2::context::params::LlamaContextParams::default()
+            .with_n_ctx(std::num::NonZeroU32::new(n_ctx))
+            .with_n_batch(n_ctx)
+            .with_n_ubatch(n_ctx.min(u32::try_from(n_ubatch)?))
+            .with_n_seq_max(u32::try_from(prompts.len())?)
+            .with_kv_unified(true)
+            .with_n_threads(i32::try_from(threads)?)
+            .with_n_threads_batch(i32::try_from(threads)?);
+        let ctx = model.new_context(crate::engine::llama::backend()?, params)?;
+        let batch = llama_cpp_2::llama_batch::LlamaBatch::new(total, i32::try_from(prompts.len())?);
+        Ok(PlainDecode {
+            ctx,
+            batch,
+            prompts,
+        })
+    }
+
+    /// Seconds of one decode of every prompt from an empty KV cache, with
+    /// logits for each prompt's last token only.
+    fn seconds(&mut self) -> anyhow::Result<f64> {
+        self.batch.clear();
+        for (s, p) in self.prompts.iter().enumerate() {
+            for (i, &t) in p.iter().enumerate() {
+                self.batch
+                    .add(t, i32::try_from(i)?, &[i32::try_from(s)?], i + 1 == p.len())?;
+            }
+        }
+        self.ctx.clear_kv_cache();
+        let t0 = Instant::now();
+        self.ctx.decode(&mut self.batch)?;
+        Ok(t0.elapsed().as_secs_f64())
+    }
 }
 
 /// One request, ready for either server.

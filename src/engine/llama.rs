@@ -578,11 +578,6 @@ impl LlamaScorer {
         Arc::clone(&self.model)
     }
 
-    /// The GGUF this scorer runs (a detector's base model).
-    pub fn gguf_path(&self) -> &Path {
-        &self.path
-    }
-
     /// The whole classification prompt of `text` as token ids, exactly as a
     /// single-window score decodes it: the template's prefix (with BOS), the
     /// text's tokens, the template's suffix. What `promptgate bench` sends a
