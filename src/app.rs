@@ -199,6 +199,53 @@ fn classify_one(
 /// # Errors
 /// Unreadable data or base model, or an unwritable output.
 pub fn train(args: &crate::config::TrainArgs) -> anyhow::Result<ExitCode> {
+    if args.method == crate::config::TrainMethod::Sft {
+        let threads = args
+            .threads
+            .unwrap_or(crate::engine::llama::LlamaConfig::default().threads);
+        let o = crate::detector::sft::SftOptions {
+            data: args.data.clone(),
+            dev: args.dev.clone(),
+            base: args.base.clone(),
+            out: args.out.clone(),
+            per_group: args.per_group,
+            dev_limit: args.dev_limit,
+            holdout: args.holdout,
+            seed: args.seed,
+            lr: args.lr,
+            warmup_steps: args.warmup_steps,
+            weight_decay: args.weight_decay,
+            epochs: args.epochs,
+            max_steps: args.max_steps,
+            eval_every: args.eval_every,
+            patience: args.patience,
+            prompt_tokens: args.prompt_tokens,
+            train_blocks: args.train_blocks,
+            quant: args.quant,
+            max_fpr: args.max_fpr,
+            work_dir: args.work_dir.clone(),
+            resume: args.resume,
+            threads,
+        };
+        let r = crate::detector::sft::run(&o)?;
+        let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
+        eprintln!(
+            "wrote {} ({} steps, kept step {}; held-apart loss {:.4} -> {:.4}; \
+             {:.0} tok/s; threshold {:.4}: dev F1 {} FPR {} AUROC {} on {} rows)",
+            r.gguf.display(),
+            r.steps,
+            r.best_step,
+            r.holdout_loss_start,
+            r.holdout_loss_best,
+            r.tokens_per_s,
+            r.threshold,
+            f(r.dev_f1),
+            f(r.dev_fpr),
+            f(r.dev_auroc),
+            r.dev_rows
+        );
+        return Ok(ExitCode::Ok);
+    }
     crate::detector::train::run(args)?;
     Ok(ExitCode::Ok)
 }

@@ -171,6 +171,60 @@ pub struct TrainArgs {
     /// Only extract (and cache) features; fit nothing.
     #[arg(long, env = "PROMPTGATE_TRAIN_EXTRACT_ONLY")]
     pub extract_only: bool,
+    /// `head`: a classifier head on the frozen model's hidden states (writes
+    /// OUT.detector.json). `sft`: fine-tune the model itself to answer with a
+    /// verdict token (writes OUT.gguf; docs/detector.md).
+    #[arg(long, env = "PROMPTGATE_TRAIN_METHOD", value_enum, default_value_t = TrainMethod::Head)]
+    pub method: TrainMethod,
+    /// sft: peak learning rate (AdamW).
+    #[arg(long, env = "PROMPTGATE_SFT_LR", default_value_t = 1e-5)]
+    pub lr: f32,
+    /// sft: linear warm-up steps.
+    #[arg(long, env = "PROMPTGATE_SFT_WARMUP_STEPS", default_value_t = 20)]
+    pub warmup_steps: u64,
+    /// sft: AdamW weight decay.
+    #[arg(long, env = "PROMPTGATE_SFT_WEIGHT_DECAY", default_value_t = 0.0)]
+    pub weight_decay: f32,
+    /// sft: passes over the training rows.
+    #[arg(long, env = "PROMPTGATE_SFT_EPOCHS", default_value_t = 1)]
+    pub epochs: u32,
+    /// sft: stop after this many optimizer steps (one 256-token window each; 0: no limit).
+    #[arg(long, env = "PROMPTGATE_SFT_MAX_STEPS", default_value_t = 0)]
+    pub max_steps: u64,
+    /// sft: score the held-apart rows and write a checkpoint every this many steps.
+    #[arg(long, env = "PROMPTGATE_SFT_EVAL_EVERY", default_value_t = 50)]
+    pub eval_every: u64,
+    /// sft: stop after this many evaluations without a better held-apart AUROC (0: never).
+    #[arg(long, env = "PROMPTGATE_SFT_PATIENCE", default_value_t = 4)]
+    pub patience: u32,
+    /// sft: training rows held apart (stratified) for early stopping.
+    #[arg(long, env = "PROMPTGATE_SFT_HOLDOUT", default_value_t = 200)]
+    pub holdout: usize,
+    /// sft: prompt tokens kept per training example, at most half a window
+    /// minus the template (serving scores every window).
+    #[arg(long, env = "PROMPTGATE_SFT_PROMPT_TOKENS", default_value_t = 160)]
+    pub prompt_tokens: usize,
+    /// sft: train only the last N transformer blocks (0: every block).
+    #[arg(long, env = "PROMPTGATE_SFT_TRAIN_BLOCKS", default_value_t = 0)]
+    pub train_blocks: u32,
+    /// sft: weight type of the written GGUF.
+    #[arg(long, env = "PROMPTGATE_SFT_QUANT", value_enum, default_value_t = crate::detector::sft::Quant::Q8_0)]
+    pub quant: crate::detector::sft::Quant,
+    /// sft: checkpoints and the F32 copy of the base go here.
+    #[arg(long, env = "PROMPTGATE_SFT_WORK_DIR", default_value = ".cache/sft")]
+    pub work_dir: PathBuf,
+    /// sft: continue from the checkpoint in --work-dir (same data and settings).
+    #[arg(long, env = "PROMPTGATE_SFT_RESUME")]
+    pub resume: bool,
+}
+
+/// How `promptgate train` builds a detector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TrainMethod {
+    /// A logistic head on frozen hidden states.
+    Head,
+    /// Supervised fine-tuning of the model (llama.cpp's training API).
+    Sft,
 }
 
 /// `promptgate eval`.

@@ -6,4 +6,5 @@ pub mod file;
 pub mod head;
 pub mod metrics;
 pub mod plot;
+pub mod sft;
 pub mod train;

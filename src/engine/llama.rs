@@ -370,6 +370,13 @@ impl LlamaScorer {
             ),
             has_chat_template: embedded.is_some(),
             chat_template: embedded.clone().unwrap_or_default(),
+            promptgate_profile: model.meta_val_str("promptgate.profile").unwrap_or_default(),
+            promptgate_threshold: model
+                .meta_val_str("promptgate.threshold")
+                .unwrap_or_default(),
+            promptgate_template: model
+                .meta_val_str("promptgate.template")
+                .unwrap_or_default(),
         };
         let profile = profile::for_model(path, &meta).map_err(unsupported)?;
         let template = match &profile.template {
@@ -1139,7 +1146,7 @@ impl Scorer for LlamaScorer {
     }
 
     fn is_trained(&self) -> bool {
-        self.head.is_some()
+        self.head.is_some() || self.profile.name == profile::SFT_PROFILE
     }
 
     /// `n_ctx` minus the template's tokens.
