@@ -728,6 +728,11 @@ impl Server {
             .args(["-t", &threads.to_string(), "-tb", &threads.to_string()])
             .args(["-c", &n_ctx.to_string(), "-np", &parallel.to_string()])
             .args(["-b", "2048", "-ub", "512", "--no-warmup"])
+            // Full-size KV for sliding-window layers (Gemma 3): without it
+            // llama-server cannot reuse a cached prefix on such models and
+            // re-evaluates the whole template per request, which would flatter
+            // promptgate. No effect on models without SWA.
+            .arg("--swa-full")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(log)?)
