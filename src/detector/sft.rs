@@ -291,20 +291,11 @@ impl Model {
     fn tokenize(&self, text: &str, add_special: bool, parse_special: bool) -> Vec<i32> {
         let len = i32::try_from(text.len()).unwrap_or(i32::MAX);
         let mut out = vec![0i32; text.len() + 8];
-        // SAFETY: text and output buffer with their lengths; a negative result is the size needed.
-        unsafe {
-            let mut n = sys::llama_tokenize(
-                self.vocab(),
-                text.as_ptr().cast(),
-                len,
-                out.as_mut_ptr(),
-                i32::try_from(out.len()).unwrap_or(i32::MAX),
-                add_special,
-                parse_special,
-            );
-            if n < 0 {
-                out.resize(n.unsigned_abs() as usize, 0);
-                n = sys::llama_tokenize(
+        // The first call may report (negated) a larger size needed; the second fits.
+        for _ in 0..2 {
+            // SAFETY: text and output buffer with their lengths.
+            let n = unsafe {
+                sys::llama_tokenize(
                     self.vocab(),
                     text.as_ptr().cast(),
                     len,
@@ -312,11 +303,17 @@ impl Model {
                     i32::try_from(out.len()).unwrap_or(i32::MAX),
                     add_special,
                     parse_special,
-                );
+                )
+            };
+            match usize::try_from(n) {
+                Ok(n) => {
+                    out.truncate(n);
+                    return out;
+                }
+                Err(_) => out.resize(n.unsigned_abs() as usize, 0),
             }
-            out.truncate(usize::try_from(n).unwrap_or(0));
         }
-        out
+        Vec::new()
     }
 }
 
