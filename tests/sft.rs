@@ -123,6 +123,13 @@ fn sft_steps_lower_the_loss_resume_continues_and_the_gguf_serves() {
     let tokens = s.classification_tokens("hi");
     assert!(tokens.len() < 60, "{} template tokens", tokens.len());
 
+    // Holding apart most of the rows is refused with the flag's name, not
+    // reported as "0 malicious and 0 benign training rows".
+    let mut h = options(dir.path(), 1, false);
+    h.holdout = 100;
+    let err = sft::run(&h).unwrap_err().to_string();
+    assert!(err.contains("--holdout 100"), "{err}");
+
     // A base without a backward pass is refused before any work.
     let mut g = options(dir.path(), 1, false);
     g.base = common::gemma();

@@ -927,6 +927,12 @@ pub fn run(o: &SftOptions) -> anyhow::Result<SftReport> {
     }
     let data_sha = hex::encode(sha2::Digest::finalize(data_hash));
     let sampled = sample_per_group(&rows, o.per_group, o.seed);
+    ensure!(
+        o.holdout * 2 <= sampled.len(),
+        "--holdout {} would hold apart half or more of the {} training rows; lower it",
+        o.holdout,
+        sampled.len()
+    );
     let holdout_rows = sample_stratified(&sampled, o.holdout, o.seed ^ 0x401d);
     let held: HashSet<[u8; 32]> = holdout_rows.iter().map(|r| text_hash(&r.text)).collect();
     let train_rows: Vec<Row> = sampled
