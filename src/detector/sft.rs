@@ -799,27 +799,46 @@ fn scored(scores: &[f64], examples: &[Example]) -> Vec<Scored> {
 
 // ------------------------------------------------------------------ files
 
+/// A GGUF key's value written by [`quantize`].
+enum Kv {
+    /// A string (at most 127 bytes).
+    Str(String),
+    /// An unsigned 32-bit integer (llama.cpp writes integer overrides as u32).
+    U32(u32),
+}
+
+/// `llama_model_quantize` from `input` to `output`: to `quant`, or a plain
+/// copy when `None`; every `kv` pair is set on the output's metadata.
 fn quantize(
     input: &Path,
     output: &Path,
     quant: Option<Quant>,
-    kv: &[(&str, String)],
+    kv: &[(String, Kv)],
     threads: usize,
 ) -> anyhow::Result<()> {
     let mut overrides: Vec<sys::llama_model_kv_override> = Vec::with_capacity(kv.len() + 1);
     for (k, v) in kv {
-        ensure!(k.len() < 128 && v.len() < 128, "GGUF override {k} too long");
-        // SAFETY: a zeroed override is valid (tag INT, empty key); the key and
-        // string are copied NUL-terminated within their 128-byte arrays.
+        ensure!(k.len() < 128, "GGUF key {k} too long");
+        // SAFETY: a zeroed override is valid (tag INT, empty key); the key is
+        // copied NUL-terminated within its 128-byte array.
         let mut o: sys::llama_model_kv_override = unsafe { std::mem::zeroed() };
-        o.tag = sys::LLAMA_KV_OVERRIDE_TYPE_STR;
         for (d, s) in o.key.iter_mut().zip(k.bytes()) {
             *d = s as std::os::raw::c_char;
         }
-        // SAFETY: writing the string member of the union.
-        unsafe {
-            for (d, s) in o.__bindgen_anon_1.val_str.iter_mut().zip(v.bytes()) {
-                *d = s as std::os::raw::c_char;
+        match v {
+            Kv::Str(v) => {
+                ensure!(v.len() < 128, "GGUF value of {k} too long");
+                o.tag = sys::LLAMA_KV_OVERRIDE_TYPE_STR;
+                // SAFETY: writing the string member of the union, NUL-terminated.
+                unsafe {
+                    for (d, s) in o.__bindgen_anon_1.val_str.iter_mut().zip(v.bytes()) {
+                        *d = s as std::os::raw::c_char;
+                    }
+                }
+            }
+            Kv::U32(n) => {
+                o.tag = sys::LLAMA_KV_OVERRIDE_TYPE_INT;
+                o.__bindgen_anon_1.val_i64 = i64::from(*n);
             }
         }
         overrides.push(o);
@@ -1313,8 +1332,7 @@ pub fn run(o: &SftOptions) -> anyhow::Result<SftReport> {
     // The kept weights: quantised, scored on dev by the daemon's scorer,
     // then written with the threshold.
     let arch = base_meta.architecture.clone();
-    let ctx_len = profile_context_length(&o.base, &arch);
-    let mut kv: Vec<(&str, String)> = vec![
+    let strings: Vec<(&str, String)> = vec![
         (keys::PROFILE, SFT_PROFILE.to_string()),
         (keys::TEMPLATE, tpl.builtin.clone()),
         (keys::BASE_SHA256, base_sha.clone()),
@@ -1332,13 +1350,17 @@ pub fn run(o: &SftOptions) -> anyhow::Result<SftReport> {
         (keys::DATA_SHA256, data_sha.clone()),
         (keys::QUANT, o.quant.name().to_string()),
     ];
-    let staged = o.work_dir.join(format!("staged-{}.gguf", o.quant.name()));
-    quantize(&best_path, &staged, Some(o.quant), &kv, o.threads)?;
-    if let Some(n) = ctx_len {
+    let mut kv: Vec<(String, Kv)> = strings
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), Kv::Str(v)))
+        .collect();
+    if let Some(n) = base_context_length(&o.base, &arch) {
         // llama_opt_init sets the model's n_ctx_train to the training window;
         // the written GGUF gets the base's context length back.
-        restore_context_length(&staged, &arch, n, o.threads)?;
+        kv.push((format!("{arch}.context_length"), Kv::U32(n)));
     }
+    let staged = o.work_dir.join(format!("staged-{}.gguf", o.quant.name()));
+    quantize(&best_path, &staged, Some(o.quant), &kv, o.threads)?;
     let config = LlamaConfig {
         threads: o.threads,
         ..LlamaConfig::default()
@@ -1363,7 +1385,10 @@ pub fn run(o: &SftOptions) -> anyhow::Result<SftReport> {
     drop(scorer);
     let (threshold, dev_f1) =
         best_f1_threshold(&dev_scored, o.max_fpr).map_or((0.5, None), |(t, f)| (t, Some(f)));
-    kv.push((keys::THRESHOLD, format!("{threshold:.6}")));
+    kv.push((
+        keys::THRESHOLD.to_string(),
+        Kv::Str(format!("{threshold:.6}")),
+    ));
     if let Some(parent) = out.parent() {
         std::fs::create_dir_all(parent)?;
     }
@@ -1403,7 +1428,7 @@ pub fn run(o: &SftOptions) -> anyhow::Result<SftReport> {
 }
 
 /// `{arch}.context_length` of a GGUF, if it has one.
-fn profile_context_length(path: &Path, arch: &str) -> Option<u32> {
+fn base_context_length(path: &Path, arch: &str) -> Option<u32> {
     let g = crate::engine::llama::GgufHeader::open(path)?;
     let k = CString::new(format!("{arch}.context_length")).ok()?;
     // SAFETY: live header; the type is checked before reading.
@@ -1414,36 +1439,6 @@ fn profile_context_length(path: &Path, arch: &str) -> Option<u32> {
         }
         Some(sys::gguf_get_val_u32(g.as_ptr(), id))
     }
-}
-
-/// Copies `path` onto itself with `{arch}.context_length` = `n`.
-fn restore_context_length(path: &Path, arch: &str, n: u32, threads: usize) -> anyhow::Result<()> {
-    if profile_context_length(path, arch) == Some(n) {
-        return Ok(());
-    }
-    let tmp = path.with_extension("ctx.gguf");
-    let key = format!("{arch}.context_length");
-    // SAFETY: a zeroed override is valid (tag INT, empty key).
-    let mut o: sys::llama_model_kv_override = unsafe { std::mem::zeroed() };
-    o.tag = sys::LLAMA_KV_OVERRIDE_TYPE_INT;
-    for (d, s) in o.key.iter_mut().zip(key.bytes()) {
-        *d = s as std::os::raw::c_char;
-    }
-    o.__bindgen_anon_1.val_i64 = i64::from(n);
-    // SAFETY: zeroed terminator.
-    let ov = [o, unsafe { std::mem::zeroed() }];
-    let (ci, co) = (cstring(path)?, cstring(&tmp)?);
-    // SAFETY: valid paths and a terminated override array that outlives the call.
-    let rc = unsafe {
-        let mut p = sys::llama_model_quantize_default_params();
-        p.nthread = i32::try_from(threads).unwrap_or(1);
-        p.only_copy = true;
-        p.kv_overrides = ov.as_ptr();
-        sys::llama_model_quantize(ci.as_ptr(), co.as_ptr(), &p)
-    };
-    ensure!(rc == 0, "rewriting the context length failed ({rc})");
-    std::fs::rename(&tmp, path)?;
-    Ok(())
 }
 
 #[cfg(test)]
