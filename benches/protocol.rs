@@ -32,6 +32,7 @@ fn bench(c: &mut Criterion) {
         },
         tokens: 13,
         windows: 1,
+        early_exit_windows: 0,
         normalized: Vec::new(),
         latency_ms: LatencyMs {
             queue: 0.01,

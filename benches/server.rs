@@ -58,6 +58,7 @@ impl Scorer for Fake {
             p_malicious: 0.1,
             tokens: text.len(),
             windows: 1,
+            early_exit_windows: 0,
         })
     }
 }

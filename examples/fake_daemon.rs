@@ -99,6 +99,7 @@ impl Scorer for Fake {
             p_malicious: p,
             tokens: text.split_whitespace().count(),
             windows: 1,
+            early_exit_windows: 0,
         })
     }
 }

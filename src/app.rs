@@ -38,6 +38,7 @@ impl ModelArgs {
             n_ctx: self.n_ctx,
             window_overlap: self.window_overlap,
             max_prompt_tokens: self.max_prompt_tokens,
+            early_exit: !self.no_early_exit,
         }
     }
 
@@ -177,6 +178,7 @@ fn classify_one(
                 model: scorer.model().clone(),
                 tokens: score.tokens,
                 windows: score.windows,
+                early_exit_windows: score.early_exit_windows,
                 normalized: normalized.changes,
                 latency_ms: LatencyMs {
                     queue: 0.0,

@@ -158,6 +158,26 @@ pub struct TrainArgs {
     /// best dev F1 wins).
     #[arg(long, env = "PROMPTGATE_TRAIN_F1_TOLERANCE", default_value_t = 0.0)]
     pub f1_tolerance: f64,
+    /// Also fit an early-exit head on these layers (a subset of the chosen
+    /// head's, below its deepest): it decides the windows it is confident on
+    /// as soon as its deepest layer is computed, so they skip the rest of the
+    /// forward pass. Off when not given.
+    #[arg(long, env = "PROMPTGATE_TRAIN_EARLY_EXIT", value_delimiter = ',')]
+    pub early_exit: Option<Vec<u32>>,
+    /// The early exit's benign bound is chosen on dev so that at most this
+    /// fraction of the rows the full head calls malicious exit as benign.
+    #[arg(long, env = "PROMPTGATE_TRAIN_EXIT_TOLERANCE", default_value_t = 0.005)]
+    pub exit_tolerance: f64,
+    /// The same for the malicious bound: at most this fraction of the rows
+    /// the full head calls benign exit as malicious. 0 by default, so the
+    /// exit adds no false positive on dev: a shallow head over-defends more
+    /// ("Summarize the following email for me." scored 0.986 by blocks 8+12).
+    #[arg(
+        long,
+        env = "PROMPTGATE_TRAIN_EXIT_TOLERANCE_MALICIOUS",
+        default_value_t = 0.0
+    )]
+    pub exit_tolerance_malicious: f64,
     /// Where extracted features are cached (keyed by model sha256, settings and text).
     #[arg(
         long,
@@ -276,6 +296,10 @@ pub struct ModelArgs {
     /// Longest prompt accepted, in tokens; longer ones get `input_too_long`.
     #[arg(long, env = "PROMPTGATE_MAX_PROMPT_TOKENS", default_value_t = 32_768)]
     pub max_prompt_tokens: usize,
+    /// Score every window with the detector's full head, never with its
+    /// early-exit head (slower; see docs/detector.md).
+    #[arg(long, env = "PROMPTGATE_NO_EARLY_EXIT")]
+    pub no_early_exit: bool,
     /// Most tokens generated for one reason (`"explain": true`, `--explain`).
     #[arg(long, env = "PROMPTGATE_EXPLAIN_MAX_TOKENS", default_value_t = crate::engine::reason::DEFAULT_EXPLAIN_MAX_TOKENS, value_parser = parse_max_tokens)]
     pub explain_max_tokens: usize,

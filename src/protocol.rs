@@ -370,6 +370,11 @@ pub struct LatencyMs {
     pub total: f64,
 }
 
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
 /// A classification answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Verdict {
@@ -387,6 +392,10 @@ pub struct Verdict {
     pub tokens: usize,
     /// Number of windows the prompt was scored in (1 unless longer than the window).
     pub windows: usize,
+    /// Windows decided by the detector's early-exit head, before its deepest
+    /// layer (docs/detector.md); absent when none was.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub early_exit_windows: usize,
     /// What normalisation changed before scoring (`nfkc`, `invisible_removed`,
     /// `base64_decoded`, ...); absent when the model saw the text as sent.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -740,6 +749,7 @@ mod tests {
             },
             tokens: 1,
             windows: 1,
+            early_exit_windows: 0,
             normalized: Vec::new(),
             latency_ms: LatencyMs {
                 queue: 0.0,

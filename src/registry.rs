@@ -621,6 +621,7 @@ mod tests {
                 p_malicious: 0.1,
                 tokens: 1,
                 windows: 1,
+                early_exit_windows: 0,
             })
         }
     }

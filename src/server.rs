@@ -712,6 +712,7 @@ async fn resolve(pending: Pending, shared: &Shared) -> Vec<u8> {
                 model: scored.model,
                 tokens: scored.score.tokens,
                 windows: scored.score.windows,
+                early_exit_windows: scored.score.early_exit_windows,
                 normalized,
                 latency_ms: LatencyMs {
                     queue: scored.queue_ms,

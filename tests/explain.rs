@@ -143,6 +143,7 @@ fn a_detector_base_model_writes_the_reason_and_scores_stay_the_same() {
             sha256: "00".into(),
         },
         base_sha256: None,
+        early_exit: None,
     };
     let mut s = LlamaScorer::load_detector(&common::smollm2(), config(), parts).unwrap();
     let before = [s.score(ATTACK).unwrap(), s.score(QUESTION).unwrap()];

@@ -395,6 +395,8 @@ fn verdict() -> impl Strategy<Value = Verdict> {
                     model: ModelRef { name, sha256 },
                     tokens,
                     windows,
+                    // Zero (left out of the line) and non-zero both round-trip.
+                    early_exit_windows: windows / 2,
                     normalized,
                     latency_ms: LatencyMs {
                         queue: lat.0,

@@ -97,6 +97,11 @@ pub struct Report {
     pub latency_ms_p95: Option<f64>,
     /// Median prompt length in tokens.
     pub prompt_tokens_p50: Option<f64>,
+    /// Windows scored, over the scored rows.
+    pub windows: usize,
+    /// Of those, windows decided by the detector's early-exit head (0
+    /// without one; docs/detector.md).
+    pub early_exit_windows: usize,
 }
 
 /// The whole evaluation: overall figures plus per-source and per-category maps.
@@ -121,6 +126,8 @@ struct Outcome {
     scored: Scored,
     latency_ms: f64,
     tokens: Option<f64>,
+    /// (windows, early-exit windows) of a scored row.
+    windows: (usize, usize),
 }
 
 fn report(outcomes: &[&Outcome], threshold: f64) -> Report {
@@ -147,6 +154,8 @@ fn report(outcomes: &[&Outcome], threshold: f64) -> Report {
         latency_ms_p50: percentile(&latencies, 50.0),
         latency_ms_p95: percentile(&latencies, 95.0),
         prompt_tokens_p50: percentile(&tokens, 50.0),
+        windows: outcomes.iter().map(|o| o.windows.0).sum(),
+        early_exit_windows: outcomes.iter().map(|o| o.windows.1).sum(),
     }
 }
 
@@ -167,11 +176,15 @@ pub fn evaluate(
         let normalized = crate::normalize::normalize(&row.text);
         let result = scorer.score(&normalized.text);
         let latency_ms = crate::engine::ms(started.elapsed());
-        let (score, tokens) = match result {
-            Ok(s) => (Some(s.p_malicious), Some(s.tokens as f64)),
+        let (score, tokens, windows) = match result {
+            Ok(s) => (
+                Some(s.p_malicious),
+                Some(s.tokens as f64),
+                (s.windows, s.early_exit_windows),
+            ),
             Err(e) => {
                 tracing::debug!(row = i + 1, error = %e, "row not scored");
-                (None, None)
+                (None, None, (0, 0))
             }
         };
         outcomes.push(Outcome {
@@ -181,6 +194,7 @@ pub fn evaluate(
             },
             latency_ms,
             tokens,
+            windows,
         });
         progress(i + 1, rows.len());
     }
@@ -250,6 +264,15 @@ pub fn table(r: &EvalReport) -> String {
     out.push_str(&line("ALL", &r.overall));
     for (k, v) in &r.by_source {
         out.push_str(&line(&format!("  {k}"), v));
+    }
+    let o = &r.overall;
+    if o.early_exit_windows > 0 {
+        out.push_str(&format!(
+            "early exit: {} of {} windows ({:.1} %) decided before the deepest layer\n",
+            o.early_exit_windows,
+            o.windows,
+            100.0 * o.early_exit_windows as f64 / o.windows.max(1) as f64
+        ));
     }
     out
 }

@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use super::head::LogisticHead;
 use super::train::Candidate;
-use crate::engine::llama::{sha256_file, DetectorParts, FeatureSpec};
+use crate::engine::capture::ExitRule;
+use crate::engine::llama::{sha256_file, DetectorParts, FeatureSpec, Pooling};
 use crate::protocol::ModelRef;
 
 /// The `format` string of this version of the file.
@@ -124,6 +125,40 @@ pub struct DetectorFile {
     /// Every candidate tried, with its dev figures.
     #[serde(default)]
     pub candidates: Vec<Candidate>,
+    /// The early-exit head, if the detector was trained with one
+    /// (`train --early-exit LAYERS`). Files without it are read as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub early_exit: Option<EarlyExit>,
+}
+
+/// A shallower head that decides a window as soon as its deepest layer is
+/// computed, when it is confident (see [`ExitRule`]): P(malicious) below
+/// `benign_below` or above `malicious_above`. Other windows go on to the
+/// detector's own head.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EarlyExit {
+    /// Layers it reads: a subset of `features.layers`, below the deepest.
+    pub layers: Vec<u32>,
+    /// Poolings of each layer.
+    pub pooling: Vec<Pooling>,
+    /// The logistic head, on `layers.len() * pooling.len() * n_embd` features.
+    pub head: LogisticHead,
+    /// Its L2 penalty, chosen by dev AUROC.
+    pub l2: f64,
+    /// Exit as benign below this P(malicious); at most `threshold`.
+    pub benign_below: f64,
+    /// Exit as malicious above this P(malicious); at least `threshold`.
+    pub malicious_above: f64,
+    /// The bound on changed verdicts `benign_below` was chosen for: at most
+    /// this fraction of the dev rows the full head calls malicious exit as
+    /// benign.
+    pub tolerance: f64,
+    /// The same for `malicious_above`: at most this fraction of the dev rows
+    /// the full head calls benign exit as malicious.
+    #[serde(default)]
+    pub tolerance_malicious: f64,
+    /// Dev figures: exit rates, verdicts changed, and the cascade's metrics.
+    pub dev: serde_json::Value,
 }
 
 /// Why a detector cannot be served.
@@ -238,6 +273,34 @@ impl DetectorFile {
             )));
         }
         file.head.validate(dim).map_err(invalid)?;
+        if let Some(e) = &file.early_exit {
+            let n_embd = dim / (spec.layers.len() * spec.pooling.len());
+            let deepest = spec.layers.iter().max().copied().unwrap_or(0);
+            if e.layers.is_empty()
+                || e.pooling.is_empty()
+                || e.layers
+                    .iter()
+                    .any(|l| !spec.layers.contains(l) || *l >= deepest)
+            {
+                return Err(invalid(format!(
+                    "early_exit.layers {:?} must be some of features.layers {:?}, below the deepest",
+                    e.layers, spec.layers
+                )));
+            }
+            if !(0.0 <= e.benign_below
+                && e.benign_below <= file.threshold
+                && file.threshold <= e.malicious_above
+                && e.malicious_above <= 1.0)
+            {
+                return Err(invalid(format!(
+                    "early_exit bounds {} and {} must hold the threshold {} between them, within [0, 1]",
+                    e.benign_below, e.malicious_above, file.threshold
+                )));
+            }
+            e.head
+                .validate(e.layers.len() * e.pooling.len() * n_embd)
+                .map_err(|r| invalid(format!("early_exit: {r}")))?;
+        }
         Ok(file)
     }
 
@@ -315,6 +378,13 @@ impl DetectorFile {
                 sha256: detector_sha256,
             },
             base_sha256: Some(self.base.sha256.clone()),
+            early_exit: self.early_exit.as_ref().map(|e| ExitRule {
+                layers: e.layers.clone(),
+                pooling: e.pooling.clone(),
+                head: Box::new(e.head.clone()),
+                benign_below: e.benign_below,
+                malicious_above: e.malicious_above,
+            }),
         }
     }
 }
@@ -424,6 +494,7 @@ mod tests {
             },
             dev_metrics: serde_json::json!({"f1": 0.9}),
             candidates: vec![],
+            early_exit: None,
         }
     }
 

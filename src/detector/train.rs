@@ -13,7 +13,12 @@
 //! 3. For each candidate (layer, pooling, L2 penalty) a logistic head is
 //!    fitted and scored on dev; the best dev F1 at a threshold whose dev
 //!    false-positive rate is at most `--max-fpr` wins (ties: higher AUROC).
-//! 4. The detector file is written with the chosen features, head, threshold,
+//! 4. With `--early-exit LAYERS`, a second head on those layers (some of the
+//!    chosen head's, below its deepest) is fitted, and two bounds on its
+//!    P(malicious) are chosen on dev (see [`exit_bounds`]): a served window on
+//!    which it is that confident is decided after its layers, and the rest of
+//!    the forward pass is skipped.
+//! 5. The detector file is written with the chosen features, head, threshold,
 //!    provenance and every candidate's dev figures.
 
 use std::collections::{BTreeMap, HashMap};
@@ -27,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::eval::{read_rows, Row};
-use super::file::{Base, DataRef, DetectorFile, FeatureInfo, TrainingInfo, FORMAT};
+use super::file::{Base, DataRef, DetectorFile, EarlyExit, FeatureInfo, TrainingInfo, FORMAT};
 use super::head::{fit_logistic, FitParams, LogisticHead};
 use super::metrics::{auroc, best_f1_threshold, recall_at_fpr, Confusion, Scored};
 use crate::engine::llama::{sha256_file, FeatureSpec, LlamaConfig, LlamaScorer, Pooling};
@@ -336,6 +341,63 @@ pub fn choose<H>(fitted: Vec<(Candidate, H)>, f1_tolerance: f64) -> Option<(Cand
     pick
 }
 
+/// The early-exit bounds `(benign_below, malicious_above)` on the exit head's
+/// P(malicious), from dev rows' full-head scores `full` and exit-head scores
+/// `exit` (same rows, same order).
+///
+/// A row the full head calls malicious (`full >= threshold`) but the exit head
+/// scores below `benign_below` would have its verdict changed by the exit;
+/// `benign_below` is the highest bound that changes at most
+/// `floor(tol_benign * n)` of those `n` rows, and never above `threshold`.
+/// `malicious_above` is the same for the rows the full head calls benign,
+/// with `tol_malicious`, and never below `threshold`. The bounds are chosen against the full
+/// head's verdicts, not the labels, so the exit approximates the full head
+/// rather than refitting its threshold. With no row of a side, that side
+/// never exits (bound `0` or `1`).
+pub fn exit_bounds(
+    full: &[f64],
+    exit: &[f64],
+    threshold: f64,
+    tol_benign: f64,
+    tol_malicious: f64,
+) -> (f64, f64) {
+    let mut mal: Vec<f64> = Vec::new();
+    let mut ben: Vec<f64> = Vec::new();
+    for (&f, &e) in full.iter().zip(exit) {
+        if e.is_nan() {
+            continue;
+        }
+        if f >= threshold {
+            mal.push(e);
+        } else {
+            ben.push(e);
+        }
+    }
+    let allowed = |tol: f64, n: usize| (tol.clamp(0.0, 1.0) * n as f64).floor() as usize;
+    mal.sort_by(f64::total_cmp);
+    ben.sort_by(|a, b| b.total_cmp(a));
+    // Rows strictly below mal[k] number at most k.
+    let lo = mal
+        .get(allowed(tol_benign, mal.len()))
+        .map_or(0.0, |&v| v.min(threshold));
+    // Rows strictly above ben[k] number at most k.
+    let hi = ben
+        .get(allowed(tol_malicious, ben.len()))
+        .map_or(1.0, |&v| v.max(threshold));
+    (lo, hi)
+}
+
+/// The score a served window gets when an exit head with bounds `lo`, `hi`
+/// precedes the full head: the exit head's when it is confident, else the
+/// full head's.
+pub fn cascade_score(full: f64, exit: f64, lo: f64, hi: f64) -> f64 {
+    if exit < lo || exit > hi {
+        exit
+    } else {
+        full
+    }
+}
+
 /// One candidate's dev figures.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Candidate {
@@ -392,6 +454,154 @@ fn score_rows(head: &LogisticHead, x: &[Vec<f32>], rows: &[Row]) -> Vec<Scored> 
             score: Some(crate::engine::llama::FeatureHead::predict(head, x)),
         })
         .collect()
+}
+
+/// The training and dev features an early-exit head is fitted and scored on.
+struct ExitData<'a> {
+    train_x: &'a [Vec<f32>],
+    y: &'a [bool],
+    weights: &'a [f64],
+    dev_x: &'a [Vec<f32>],
+    dev: &'a [Row],
+    n_embd: usize,
+    all_layers: &'a [u32],
+}
+
+/// Fits the early-exit head on `want` (the chosen head's pooling, each
+/// `--l2`, best dev AUROC; heads already fitted as candidates are reused),
+/// chooses its bounds on dev with [`exit_bounds`] and measures the cascade on
+/// the dev rows. `scored`: the chosen head's dev scores.
+///
+/// # Errors
+/// `want` names a layer the chosen head does not read, or its deepest.
+#[allow(clippy::too_many_arguments)]
+fn fit_early_exit(
+    want: &[u32],
+    chosen: &Candidate,
+    threshold: f64,
+    scored: &[Scored],
+    fitted: Vec<(Candidate, LogisticHead)>,
+    d: &ExitData<'_>,
+    args: &crate::config::TrainArgs,
+) -> anyhow::Result<Option<EarlyExit>> {
+    let mut layers = want.to_vec();
+    layers.sort_unstable();
+    layers.dedup();
+    let deepest = chosen.layers.iter().max().copied().unwrap_or(0);
+    anyhow::ensure!(
+        !layers.is_empty() && layers.iter().all(|l| chosen.layers.contains(l) && *l < deepest),
+        "--early-exit {layers:?}: the chosen head reads layers {:?}; the early-exit layers must be some of them, below the deepest ({deepest})",
+        chosen.layers
+    );
+    for (flag, v) in [
+        ("--exit-tolerance", args.exit_tolerance),
+        ("--exit-tolerance-malicious", args.exit_tolerance_malicious),
+    ] {
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&v),
+            "{flag} must be in [0, 1], got {v}"
+        );
+    }
+    let dx: Vec<Vec<f32>> = d
+        .dev_x
+        .iter()
+        .map(|x| columns(x, d.n_embd, d.all_layers, &layers, &chosen.pooling))
+        .collect();
+    let mut best: Option<(f64, f64, LogisticHead)> = None;
+    for &l2 in &args.l2 {
+        let head = match fitted
+            .iter()
+            .find(|(c, _)| c.pooling == chosen.pooling && c.l2 == l2)
+        {
+            Some((_, h)) => h.clone(),
+            None => {
+                let tx: Vec<Vec<f32>> = d
+                    .train_x
+                    .iter()
+                    .map(|x| columns(x, d.n_embd, d.all_layers, &layers, &chosen.pooling))
+                    .collect();
+                fit_logistic(
+                    &tx,
+                    d.y,
+                    d.weights,
+                    FitParams {
+                        l2,
+                        ..FitParams::default()
+                    },
+                )
+            }
+        };
+        let a = auroc(&score_rows(&head, &dx, d.dev)).unwrap_or(0.0);
+        if best.as_ref().is_none_or(|(ba, _, _)| a > *ba) {
+            best = Some((a, l2, head));
+        }
+    }
+    let Some((exit_auroc, l2, head)) = best else {
+        return Ok(None);
+    };
+    let full: Vec<f64> = scored.iter().map(|s| s.score.unwrap_or(1.0)).collect();
+    let exit: Vec<f64> = score_rows(&head, &dx, d.dev)
+        .iter()
+        .map(|s| s.score.unwrap_or(f64::NAN))
+        .collect();
+    let (lo, hi) = exit_bounds(
+        &full,
+        &exit,
+        threshold,
+        args.exit_tolerance,
+        args.exit_tolerance_malicious,
+    );
+    let cascade: Vec<Scored> = scored
+        .iter()
+        .zip(&exit)
+        .map(|(s, &e)| Scored {
+            malicious: s.malicious,
+            score: Some(cascade_score(s.score.unwrap_or(1.0), e, lo, hi)),
+        })
+        .collect();
+    let n = full.len().max(1) as f64;
+    let exits_benign = exit.iter().filter(|&&e| e < lo).count();
+    let exits_malicious = exit.iter().filter(|&&e| e > hi).count();
+    let changed = full
+        .iter()
+        .zip(&cascade)
+        .filter(|(&f, c)| (f >= threshold) != (c.score.unwrap_or(1.0) >= threshold))
+        .count();
+    let c = Confusion::at(&cascade, threshold);
+    let dev = serde_json::json!({
+        "rows": full.len(),
+        "exit_auroc": exit_auroc,
+        "exit_rate": (exits_benign + exits_malicious) as f64 / n,
+        "exits_benign": exits_benign,
+        "exits_malicious": exits_malicious,
+        "verdicts_changed": changed,
+        "cascade": {
+            "precision": c.precision(),
+            "recall": c.recall(),
+            "f1": c.f1(),
+            "fpr": c.fpr(),
+            "auroc": auroc(&cascade),
+            "recall_at_1pct_fpr": recall_at_fpr(&cascade, 0.01),
+        },
+        "note": "first-window features of the dev rows used for selection",
+    });
+    eprintln!(
+        "early exit on layers {layers:?}: l2 {l2}, dev AUROC {exit_auroc:.4}, benign below {lo:.4}, malicious above {hi:.4}: {:.1} % of dev rows exit ({exits_benign} benign, {exits_malicious} malicious), {changed} verdicts changed, cascade F1 {:.4} FPR {:.4}",
+        100.0 * (exits_benign + exits_malicious) as f64 / n,
+        c.f1().unwrap_or(f64::NAN),
+        c.fpr().unwrap_or(f64::NAN),
+    );
+    Ok(Some(EarlyExit {
+        layers,
+        pooling: chosen.pooling.clone(),
+        head,
+        l2,
+        benign_below: lo,
+        malicious_above: hi,
+        tolerance: args.exit_tolerance,
+        tolerance_malicious: args.exit_tolerance_malicious,
+        dev,
+    }))
 }
 
 /// Runs `promptgate train`.
@@ -477,6 +687,13 @@ pub fn run(args: &crate::config::TrainArgs) -> anyhow::Result<PathBuf> {
         cands.dedup();
         spec.layers = cands;
         scorer = LlamaScorer::load_features(&args.base, config.clone(), spec.clone())?;
+    }
+    if let Some(exit) = &args.early_exit {
+        anyhow::ensure!(
+            exit.iter().all(|l| spec.layers.contains(l)),
+            "--early-exit {exit:?} names a layer that is not among the extracted --layers {:?}",
+            spec.layers
+        );
     }
     let n_embd = usize::try_from(scorer.model_handle().n_embd()).unwrap_or(0);
     let dim = spec.layers.len() * 2 * n_embd;
@@ -591,6 +808,19 @@ pub fn run(args: &crate::config::TrainArgs) -> anyhow::Result<PathBuf> {
             }
         }
     }
+    let exit_fits: Vec<(Candidate, LogisticHead)> = match &args.early_exit {
+        Some(layers) => {
+            let mut layers = layers.clone();
+            layers.sort_unstable();
+            layers.dedup();
+            fitted
+                .iter()
+                .filter(|(c, _)| c.layers == layers)
+                .cloned()
+                .collect()
+        }
+        None => Vec::new(),
+    };
     let (chosen, head) =
         choose(fitted, args.f1_tolerance).context("no candidate reached a threshold on dev")?;
     let threshold = chosen.threshold.context("no threshold")?;
@@ -602,6 +832,26 @@ pub fn run(args: &crate::config::TrainArgs) -> anyhow::Result<PathBuf> {
         .collect();
     let scored = score_rows(&head, &chosen_dx, &dev);
     let c = Confusion::at(&scored, threshold);
+    let early_exit = match &args.early_exit {
+        None => None,
+        Some(want) => fit_early_exit(
+            want,
+            &chosen,
+            threshold,
+            &scored,
+            exit_fits,
+            &ExitData {
+                train_x: &train_x,
+                y: &y,
+                weights: &weights,
+                dev_x: &dev_x,
+                dev: &dev,
+                n_embd,
+                all_layers: &spec.layers,
+            },
+            args,
+        )?,
+    };
     let dev_metrics = serde_json::json!({
         "rows": scored.len(),
         "threshold": threshold,
@@ -661,6 +911,7 @@ pub fn run(args: &crate::config::TrainArgs) -> anyhow::Result<PathBuf> {
         },
         dev_metrics,
         candidates,
+        early_exit,
     };
     let out = super::file::detector_path(&args.out);
     file.write(&out)?;
@@ -688,6 +939,44 @@ mod tests {
             category: None,
             source: Some(source.into()),
         }
+    }
+
+    #[test]
+    fn exit_bounds_change_at_most_the_tolerated_verdicts() {
+        // Full head: rows 0-9 malicious (>= 0.5), rows 10-29 benign.
+        let full: Vec<f64> = (0..30).map(|i| if i < 10 { 0.9 } else { 0.1 }).collect();
+        // Exit head: malicious rows at 0.05, 0.15, ..., 0.95; benign rows at
+        // 0.0, 0.02, ..., 0.38 except row 29, which it wrongly scores 0.97.
+        let mut exit: Vec<f64> = (0..10).map(|i| 0.05 + 0.1 * f64::from(i)).collect();
+        exit.extend((0..20).map(|i| 0.02 * f64::from(i)));
+        exit[29] = 0.97;
+        // Tolerance 0: no verdict may change. The lowest exit score of a
+        // malicious row is 0.05, so benign exits need < 0.05; the highest of
+        // a benign row is 0.97, so malicious exits need > 0.97 (none).
+        let (lo, hi) = exit_bounds(&full, &exit, 0.5, 0.0, 0.0);
+        assert_eq!((lo, hi), (0.05, 0.97));
+        let changed = |lo: f64, hi: f64| {
+            full.iter()
+                .zip(&exit)
+                .filter(|(&f, &e)| (f >= 0.5) != (cascade_score(f, e, lo, hi) >= 0.5))
+                .count()
+        };
+        assert_eq!(changed(lo, hi), 0);
+        // Tolerance 0.1: one malicious row (of 10) and two benign rows (of
+        // 20) may change; the bounds move to the next order statistics.
+        let (lo, hi) = exit_bounds(&full, &exit, 0.5, 0.1, 0.1);
+        assert!((lo - 0.15).abs() < 1e-12 && hi == 0.5, "{lo} {hi}");
+        assert_eq!(changed(lo, hi), 2, "row 0 exits benign, row 29 malicious");
+        // Each side has its own tolerance.
+        let (lo, hi) = exit_bounds(&full, &exit, 0.5, 0.1, 0.0);
+        assert!((lo - 0.15).abs() < 1e-12 && hi == 0.97, "{lo} {hi}");
+        assert_eq!(changed(lo, hi), 1, "only row 0 changes");
+        // The bounds never cross the threshold.
+        let (lo, hi) = exit_bounds(&full, &exit, 0.5, 1.0, 1.0);
+        assert!(lo <= 0.5 && hi >= 0.5);
+        // A side with no rows never exits.
+        assert_eq!(exit_bounds(&[0.1], &[0.0], 0.5, 0.0, 0.0), (0.0, 0.5));
+        assert_eq!(exit_bounds(&[0.9], &[1.0], 0.5, 0.0, 0.0), (0.5, 1.0));
     }
 
     fn cand(layers: &[u32], f1: f64, auroc: f64) -> Candidate {

@@ -19,6 +19,8 @@ use std::ffi::{c_void, CStr};
 
 use llama_cpp_2::context::params::LlamaContextParams;
 
+use super::llama::{FeatureHead, Pooling};
+
 /// What [`Capture`] collects from one layer's output over one decode.
 #[derive(Debug, Clone, Default)]
 pub struct LayerRows {
@@ -32,6 +34,66 @@ pub struct LayerRows {
     pub count: usize,
     /// Tokens of this decode seen so far (several ubatches may feed one decode).
     seen: usize,
+}
+
+/// An early-exit rule: a second, shallower head that decides a window as
+/// soon as its deepest layer is computed, when it is confident.
+///
+/// The idea is the early-exit classifier's (Kaya et al., "Shallow-Deep
+/// Networks", ICML 2019; Xin et al., "DeeBERT", ACL 2020): most inputs are
+/// easy, and a head on a middle layer already decides them; only the rest
+/// pay for the deeper layers. `promptgate train --early-exit` fits the head
+/// and chooses the two bounds on dev so that the exit changes few of the full
+/// head's verdicts (see docs/detector.md).
+pub struct ExitRule {
+    /// Layers the exit head reads, a subset of the capture's, in the order
+    /// of its feature vector.
+    pub layers: Vec<u32>,
+    /// Poolings of each layer, in the order of its feature vector.
+    pub pooling: Vec<Pooling>,
+    /// The exit head: features to P(malicious).
+    pub head: Box<dyn FeatureHead>,
+    /// Exit as benign when the exit head's P(malicious) is below this.
+    pub benign_below: f64,
+    /// Exit as malicious when the exit head's P(malicious) is above this.
+    pub malicious_above: f64,
+}
+
+impl std::fmt::Debug for ExitRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExitRule")
+            .field("layers", &self.layers)
+            .field("pooling", &self.pooling)
+            .field("benign_below", &self.benign_below)
+            .field("malicious_above", &self.malicious_above)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The feature vector of `layers` x `pooling` from collected rows: for each
+/// layer (in the given order) and each pooling, `n_embd` floats.
+///
+/// # Errors
+/// The first layer with no rows (its tensor was not seen in the graph).
+pub fn pooled(rows: &[LayerRows], layers: &[u32], pooling: &[Pooling]) -> Result<Vec<f32>, u32> {
+    let mut out = Vec::new();
+    for layer in layers {
+        let r = rows
+            .iter()
+            .find(|r| r.layer == *layer)
+            .filter(|r| !r.last.is_empty())
+            .ok_or(*layer)?;
+        for p in pooling {
+            match p {
+                Pooling::Last => out.extend_from_slice(&r.last),
+                Pooling::Mean => {
+                    let n = r.count.max(1) as f32;
+                    out.extend(r.sum.iter().map(|v| v / n));
+                }
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// State shared with the eval callback during `llama_decode`.
@@ -55,6 +117,13 @@ pub struct Capture {
     done: bool,
     /// Set if a wanted tensor had an unexpected type or shape.
     pub error: Option<String>,
+    /// The early-exit rule, if the detector has one.
+    pub exit: Option<ExitRule>,
+    /// Whether the exit rule applies to the current decode (scoring, not
+    /// feature extraction).
+    exit_armed: bool,
+    /// The exit head's P(malicious) when the current decode exited early.
+    pub exited: Option<f64>,
 }
 
 impl Capture {
@@ -77,16 +146,28 @@ impl Capture {
             mean_range: 0..0,
             done: false,
             error: None,
+            exit: None,
+            exit_armed: false,
+            exited: None,
         }
     }
 
-    /// Clears the collected rows before a decode.
-    pub fn begin(&mut self, record: bool, stop_early: bool, mean_range: std::ops::Range<usize>) {
+    /// Clears the collected rows before a decode. `early_exit` arms the exit
+    /// rule (if any) for this decode; it needs `record` and `stop_early`.
+    pub fn begin(
+        &mut self,
+        record: bool,
+        stop_early: bool,
+        mean_range: std::ops::Range<usize>,
+        early_exit: bool,
+    ) {
         self.record = record;
         self.stop_early = stop_early && !self.names.is_empty();
         self.mean_range = mean_range;
         self.done = false;
         self.error = None;
+        self.exit_armed = early_exit && record && self.stop_early && self.exit.is_some();
+        self.exited = None;
         for r in &mut self.rows {
             r.last.clear();
             r.sum.clear();
@@ -140,6 +221,19 @@ impl Capture {
         }
         rows.seen += n_tokens;
     }
+
+    /// After layer `idx` was observed: the exit head's P(malicious) if `idx`
+    /// is its deepest layer and it is confident, else `None`.
+    fn exit_decision(&self, idx: usize) -> Option<f64> {
+        let rule = self.exit.as_ref().filter(|_| self.exit_armed)?;
+        let deepest = rule.layers.iter().max()?;
+        if self.rows[idx].layer != *deepest {
+            return None;
+        }
+        let x = pooled(&self.rows, &rule.layers, &rule.pooling).ok()?;
+        let p = rule.head.predict(&x);
+        (p < rule.benign_below || p > rule.malicious_above).then_some(p)
+    }
 }
 
 /// The `cb_eval` callback. `user_data` is a `*mut Capture`.
@@ -176,6 +270,13 @@ unsafe extern "C" fn eval_callback(
     }
     if cap.record {
         cap.observe(idx, tensor);
+        if cap.error.is_none() {
+            if let Some(p) = cap.exit_decision(idx) {
+                cap.exited = Some(p);
+                cap.done = true;
+                return false;
+            }
+        }
     }
     if idx + 1 == cap.names.len() && cap.stop_early {
         cap.done = true;

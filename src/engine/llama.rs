@@ -26,7 +26,7 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 use sha2::{Digest, Sha256};
 
-use super::capture::{self, Capture, CaptureBox};
+use super::capture::{self, Capture, CaptureBox, ExitRule};
 use super::guard::{self, Parsed};
 use super::profile::{self, Format, LabelTokens, ModelMeta, Profile, TemplateSource};
 use super::reason::{one_sentence, ExplainLimits, Reason, ReasonSource, Stop};
@@ -46,6 +46,10 @@ pub struct LlamaConfig {
     pub window_overlap: usize,
     /// Prompts with more tokens than this are refused with `input_too_long`.
     pub max_prompt_tokens: usize,
+    /// Whether a detector's early-exit head (if it has one) decides the
+    /// windows it is confident on; `false` scores every window with the full
+    /// head.
+    pub early_exit: bool,
 }
 
 impl Default for LlamaConfig {
@@ -55,6 +59,7 @@ impl Default for LlamaConfig {
             n_ctx: 2048,
             window_overlap: 64,
             max_prompt_tokens: 32_768,
+            early_exit: true,
         }
     }
 }
@@ -107,6 +112,10 @@ pub struct DetectorParts {
     /// The base GGUF's sha256 when the caller has already hashed it (the
     /// detector file's check), so the base is not read twice; `None`: hash it.
     pub base_sha256: Option<String>,
+    /// A shallower head that decides confident windows before the deepest
+    /// layer is computed; its layers must be a subset of `features.layers`,
+    /// its deepest shallower than theirs.
+    pub early_exit: Option<ExitRule>,
 }
 
 /// The process-wide llama.cpp backend: `llama_backend_init` may run only once.
@@ -319,7 +328,34 @@ impl LlamaScorer {
         config: LlamaConfig,
         parts: DetectorParts,
     ) -> Result<LlamaScorer, EngineError> {
+        if let Some(rule) = &parts.early_exit {
+            let deepest = parts.features.layers.iter().max().copied().unwrap_or(0);
+            let bad = rule.layers.is_empty()
+                || rule.pooling.is_empty()
+                || rule
+                    .layers
+                    .iter()
+                    .any(|l| !parts.features.layers.contains(l) || *l >= deepest)
+                || !(rule.benign_below <= parts.threshold
+                    && parts.threshold <= rule.malicious_above);
+            if bad {
+                return Err(EngineError::Unsupported {
+                    model: parts.model_ref.name.clone(),
+                    reason: format!(
+                        "early-exit head on layers {:?} (bounds {} and {}) must read some of the detector's layers {:?} below the deepest, with the threshold {} between its bounds",
+                        rule.layers,
+                        rule.benign_below,
+                        rule.malicious_above,
+                        parts.features.layers,
+                        parts.threshold
+                    ),
+                });
+            }
+        }
         let mut scorer = Self::load_inner(path, config, Some(parts.features), parts.base_sha256)?;
+        if scorer.config.early_exit {
+            scorer.capture.get().exit = parts.early_exit;
+        }
         scorer.head = Some((parts.head, parts.threshold));
         scorer.model_ref = parts.model_ref;
         Ok(scorer)
@@ -570,7 +606,10 @@ impl LlamaScorer {
         let ranges = windows(tokens.len(), self.window_tokens, self.config.window_overlap);
         let mut out = Vec::new();
         for r in ranges.iter().take(max_windows.max(1)) {
-            out.push(self.window_features(&tokens[r.clone()], self.prefix_reuse)?);
+            match self.window_features(&tokens[r.clone()], self.prefix_reuse, false)? {
+                Ok(x) => out.push(x),
+                Err(_) => unreachable!("the exit rule is not armed for feature extraction"),
+            }
         }
         Ok((out, tokens.len()))
     }
@@ -614,7 +653,7 @@ impl LlamaScorer {
 
     fn cache_prefix(&mut self) -> Result<(), EngineError> {
         let stop = self.features.is_some();
-        self.capture.get().begin(false, stop, 0..0);
+        self.capture.get().begin(false, stop, 0..0, false);
         self.ctx.clear_kv_cache();
         self.batch.clear();
         for (i, &t) in self.prefix.iter().enumerate() {
@@ -651,13 +690,21 @@ impl LlamaScorer {
         let ranges = windows(tokens.len(), self.window_tokens, self.config.window_overlap);
         let mut best = 0.0f64;
         let mut best_thought: Option<Thought> = None;
+        let mut early_exit_windows = 0;
         for r in &ranges {
             super::watchdog_tick();
             let window = &tokens[r.clone()];
             let p = if self.head.is_some() {
-                let features = self.window_features(window, use_cache)?;
-                let (head, _) = self.head.as_ref().expect("checked above");
-                let p = head.predict(&features);
+                let p = match self.window_features(window, use_cache, true)? {
+                    Ok(features) => {
+                        let (head, _) = self.head.as_ref().expect("checked above");
+                        head.predict(&features)
+                    }
+                    Err(p) => {
+                        early_exit_windows += 1;
+                        p
+                    }
+                };
                 if p.is_nan() {
                     1.0 // fail closed
                 } else {
@@ -680,6 +727,7 @@ impl LlamaScorer {
             p_malicious: best,
             tokens: tokens.len(),
             windows: ranges.len(),
+            early_exit_windows,
         })
     }
 
@@ -699,6 +747,7 @@ impl LlamaScorer {
         &mut self,
         window: &[LlamaToken],
         use_cache: bool,
+        early_exit: bool,
     ) -> Result<usize, EngineError> {
         let infer = |e: String| EngineError::Inference(e);
         let start = if use_cache {
@@ -731,53 +780,47 @@ impl LlamaScorer {
         }
         let text_start = head.len();
         let record = self.features.is_some();
-        self.capture
-            .get()
-            .begin(record, record, text_start..text_start + window.len());
+        self.capture.get().begin(
+            record,
+            record,
+            text_start..text_start + window.len(),
+            early_exit,
+        );
         self.ctx
             .decode(&mut self.batch)
             .map_err(|e| infer(format!("decode: {e}")))?;
         Ok(text_start)
     }
 
+    /// One window's features (`Ok(Ok)`), or, when `early_exit` is set and
+    /// the detector's exit head was confident, that head's P(malicious)
+    /// (`Ok(Err)`): the deeper layers were then not computed.
     fn window_features(
         &mut self,
         window: &[LlamaToken],
         use_cache: bool,
-    ) -> Result<Vec<f32>, EngineError> {
-        self.decode_window(window, use_cache)?;
+        early_exit: bool,
+    ) -> Result<Result<Vec<f32>, f64>, EngineError> {
+        self.decode_window(window, use_cache, early_exit)?;
         let spec = self.features.clone().expect("feature scorer");
         let cap = self.capture.get();
         if let Some(e) = cap.error.take() {
             return Err(EngineError::Inference(e));
         }
-        let mut out = Vec::new();
-        for layer in &spec.layers {
-            let rows = cap
-                .rows
-                .iter()
-                .find(|r| r.layer == *layer)
-                .filter(|r| !r.last.is_empty())
-                .ok_or_else(|| {
-                    EngineError::Inference(format!(
-                        "layer {layer}'s output (l_out-{layer}) was not seen in the graph"
-                    ))
-                })?;
-            for p in &spec.pooling {
-                match p {
-                    Pooling::Last => out.extend_from_slice(&rows.last),
-                    Pooling::Mean => {
-                        let n = rows.count.max(1) as f32;
-                        out.extend(rows.sum.iter().map(|v| v / n));
-                    }
-                }
-            }
+        if let Some(p) = cap.exited.take() {
+            return Ok(Err(p));
         }
-        Ok(out)
+        capture::pooled(&cap.rows, &spec.layers, &spec.pooling)
+            .map(Ok)
+            .map_err(|layer| {
+                EngineError::Inference(format!(
+                    "layer {layer}'s output (l_out-{layer}) was not seen in the graph"
+                ))
+            })
     }
 
     fn score_window(&mut self, window: &[LlamaToken], use_cache: bool) -> Result<f64, EngineError> {
-        self.decode_window(window, use_cache)?;
+        self.decode_window(window, use_cache, false)?;
         if let Format::Narasimha { think_max_tokens } = self.profile.format {
             return self.score_after_thought(window.len(), think_max_tokens);
         }
@@ -912,7 +955,7 @@ impl LlamaScorer {
     ) -> Result<Generated, EngineError> {
         // A detector's eval callback stops the forward pass after a middle
         // layer; generation needs the logits, so nothing stops early here.
-        self.capture.get().begin(false, false, 0..0);
+        self.capture.get().begin(false, false, 0..0, false);
         self.prefix_cached = false;
         self.ctx.clear_kv_cache();
         if prompt.is_empty() || prompt.len() >= self.config.n_ctx as usize {

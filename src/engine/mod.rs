@@ -87,6 +87,9 @@ pub struct Score {
     pub tokens: usize,
     /// Windows the text was scored in.
     pub windows: usize,
+    /// Windows decided by a detector's early-exit head (see
+    /// [`capture::ExitRule`]) before its deepest layer; 0 for other scorers.
+    pub early_exit_windows: usize,
 }
 
 /// Something that scores prompts. Lives on the worker thread; need not be `Send`.
@@ -516,6 +519,7 @@ mod tests {
                 p_malicious: 0.75,
                 tokens: text.len(),
                 windows: 1,
+                early_exit_windows: 0,
             })
         }
     }
@@ -595,6 +599,7 @@ mod tests {
                 p_malicious: 0.99,
                 tokens: 1,
                 windows: 1,
+                early_exit_windows: 0,
             })
         }
     }
