@@ -406,28 +406,34 @@ fn early_exit_head_decides_confident_windows_and_defers_the_rest() {
         promptgate::app::load_model(&p, &models, config.clone()).unwrap()
     };
 
-    // The full head alone (the shipped file carries its own early exit).
-    let mut plain = promptgate::app::load_model(
-        &shipped,
-        &models,
-        LlamaConfig {
-            early_exit: false,
-            ..config.clone()
-        },
-    )
-    .unwrap();
-    let full = plain.score(text).unwrap();
+    // A detector file scored with `--no-early-exit`: the full head alone.
+    let without_exit = |p: &Path| {
+        let mut scorer = promptgate::app::load_model(
+            p,
+            &models,
+            LlamaConfig {
+                early_exit: false,
+                ..config.clone()
+            },
+        )
+        .unwrap();
+        scorer.score(text).unwrap()
+    };
+    // The shipped file carries its own early exit.
+    let full = without_exit(&shipped);
     assert_eq!(full.early_exit_windows, 0);
-    drop(plain);
+    // Scores of the full head alone: equal to `full` (same head and text).
+    let same_as_full = |s: &promptgate::engine::Score| {
+        assert_eq!(s.early_exit_windows, 0);
+        assert!(
+            (s.p_malicious - full.p_malicious).abs() < 1e-6,
+            "{s:?} {full:?}"
+        );
+    };
 
     // Bounds 0 and 1: never confident enough, the full head decides.
     let mut never = with_bounds("never", 0.0, 1.0);
-    let s = never.score(text).unwrap();
-    assert_eq!(s.early_exit_windows, 0);
-    assert!(
-        (s.p_malicious - full.p_malicious).abs() < 1e-6,
-        "{s:?} {full:?}"
-    );
+    same_as_full(&never.score(text).unwrap());
     drop(never);
 
     // Both bounds at the threshold: every window exits with the exit head's score.
@@ -452,22 +458,7 @@ fn early_exit_head_decides_confident_windows_and_defers_the_rest() {
     drop(always);
 
     // `--no-early-exit`: the same file scores every window with the full head.
-    let mut off = promptgate::app::load_model(
-        &models.join("always.detector.json"),
-        &models,
-        LlamaConfig {
-            early_exit: false,
-            ..config.clone()
-        },
-    )
-    .unwrap();
-    let s = off.score(text).unwrap();
-    assert_eq!(s.early_exit_windows, 0);
-    assert!(
-        (s.p_malicious - full.p_malicious).abs() < 1e-6,
-        "{s:?} {full:?}"
-    );
-    drop(off);
+    same_as_full(&without_exit(&models.join("always.detector.json")));
 
     // Bounds that do not hold the threshold, or a layer the head does not
     // read, are refused with the reason.

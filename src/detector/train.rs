@@ -456,6 +456,20 @@ fn score_rows(head: &LogisticHead, x: &[Vec<f32>], rows: &[Row]) -> Vec<Scored> 
         .collect()
 }
 
+/// Precision, recall, F1 and FPR at `threshold`, AUROC and recall at 1 % FPR
+/// of scored dev rows, as a JSON object (the detector file's `dev_metrics`).
+fn figures(scored: &[Scored], threshold: f64) -> serde_json::Value {
+    let c = Confusion::at(scored, threshold);
+    serde_json::json!({
+        "precision": c.precision(),
+        "recall": c.recall(),
+        "f1": c.f1(),
+        "fpr": c.fpr(),
+        "auroc": auroc(scored),
+        "recall_at_1pct_fpr": recall_at_fpr(scored, 0.01),
+    })
+}
+
 /// The training and dev features an early-exit head is fitted and scored on.
 struct ExitData<'a> {
     train_x: &'a [Vec<f32>],
@@ -575,14 +589,7 @@ fn fit_early_exit(
         "exits_benign": exits_benign,
         "exits_malicious": exits_malicious,
         "verdicts_changed": changed,
-        "cascade": {
-            "precision": c.precision(),
-            "recall": c.recall(),
-            "f1": c.f1(),
-            "fpr": c.fpr(),
-            "auroc": auroc(&cascade),
-            "recall_at_1pct_fpr": recall_at_fpr(&cascade, 0.01),
-        },
+        "cascade": figures(&cascade, threshold),
         "note": "first-window features of the dev rows used for selection",
     });
     eprintln!(
@@ -831,7 +838,6 @@ pub fn run(args: &crate::config::TrainArgs) -> anyhow::Result<PathBuf> {
         .map(|x| columns(x, n_embd, &spec.layers, &chosen.layers, &chosen.pooling))
         .collect();
     let scored = score_rows(&head, &chosen_dx, &dev);
-    let c = Confusion::at(&scored, threshold);
     let early_exit = match &args.early_exit {
         None => None,
         Some(want) => fit_early_exit(
@@ -852,17 +858,10 @@ pub fn run(args: &crate::config::TrainArgs) -> anyhow::Result<PathBuf> {
             args,
         )?,
     };
-    let dev_metrics = serde_json::json!({
-        "rows": scored.len(),
-        "threshold": threshold,
-        "precision": c.precision(),
-        "recall": c.recall(),
-        "f1": c.f1(),
-        "fpr": c.fpr(),
-        "auroc": auroc(&scored),
-        "recall_at_1pct_fpr": recall_at_fpr(&scored, 0.01),
-        "note": "first-window features of the dev rows used for selection; `promptgate eval` scores every window",
-    });
+    let mut dev_metrics = figures(&scored, threshold);
+    dev_metrics["rows"] = scored.len().into();
+    dev_metrics["threshold"] = threshold.into();
+    dev_metrics["note"] = "first-window features of the dev rows used for selection; `promptgate eval` scores every window".into();
 
     let base_path = &args.base;
     let base = Base {
