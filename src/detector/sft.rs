@@ -1202,15 +1202,10 @@ pub fn run(o: &SftOptions) -> anyhow::Result<SftReport> {
 
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let bar = if tty {
-        let b = indicatif::ProgressBar::new(total_steps);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "fine-tuning [{bar:30}] {pos}/{len} steps ({msg}), ETA {eta}",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
-        );
-        b
+        super::train::styled_bar(
+            total_steps,
+            "fine-tuning [{bar:30}] {pos}/{len} steps ({msg}), ETA {eta}",
+        )
     } else {
         indicatif::ProgressBar::hidden()
     };

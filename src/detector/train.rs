@@ -285,6 +285,18 @@ pub fn extract(
     Ok(out)
 }
 
+/// A visible progress bar of `len` with an indicatif `template`, in the
+/// project's one bar style.
+pub fn styled_bar(len: u64, template: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(template)
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar
+}
+
 /// A progress bar with ETA on a terminal; hidden otherwise (logs say the rest).
 pub fn progress_bar(len: u64, label: &str) -> indicatif::ProgressBar {
     use std::io::IsTerminal;
@@ -295,13 +307,9 @@ pub fn progress_bar(len: u64, label: &str) -> indicatif::ProgressBar {
         bar.set_length(len);
         return bar;
     }
-    let bar = indicatif::ProgressBar::new(len);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg:>12} [{bar:40}] {pos}/{len} rows, {per_sec}, ETA {eta}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
+    let bar = styled_bar(
+        len,
+        "{msg:>12} [{bar:40}] {pos}/{len} rows, {per_sec}, ETA {eta}",
     );
     bar.set_message(label.to_string());
     bar
