@@ -469,6 +469,7 @@ mod tests {
                 scale: vec![2.0; dim],
                 weights: (0..dim).map(|i| i as f32 * 0.25).collect(),
                 bias: -0.125,
+                hidden: None,
             },
             threshold: 0.42,
             training: TrainingInfo {
