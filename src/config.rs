@@ -158,6 +158,23 @@ pub struct TrainArgs {
     /// best dev F1 wins).
     #[arg(long, env = "PROMPTGATE_TRAIN_F1_TOLERANCE", default_value_t = 0.0)]
     pub f1_tolerance: f64,
+    /// Also fit heads with one ReLU hidden layer of this many units (a small
+    /// MLP) on every candidate layer together with last+mean pooling, one per
+    /// `--hidden-l2`; they compete with the logistic heads on dev F1. 0: none.
+    #[arg(long, env = "PROMPTGATE_TRAIN_HIDDEN", default_value_t = 0)]
+    pub hidden: usize,
+    /// L2 penalties tried for the hidden-layer heads (per-row λ; see
+    /// `MlpParams::l2`).
+    #[arg(
+        long,
+        env = "PROMPTGATE_TRAIN_HIDDEN_L2",
+        value_delimiter = ',',
+        default_value = "0.0005,0.002"
+    )]
+    pub hidden_l2: Vec<f64>,
+    /// Passes over the training rows for each hidden-layer head.
+    #[arg(long, env = "PROMPTGATE_TRAIN_HIDDEN_EPOCHS", default_value_t = 20)]
+    pub hidden_epochs: usize,
     /// Also fit an early-exit head on these layers (a subset of the chosen
     /// head's, below its deepest): it decides the windows it is confident on
     /// as soon as its deepest layer is computed, so they skip the rest of the

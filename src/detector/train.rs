@@ -33,7 +33,7 @@ use sha2::{Digest, Sha256};
 
 use super::eval::{read_rows, Row};
 use super::file::{Base, DataRef, DetectorFile, EarlyExit, FeatureInfo, TrainingInfo, FORMAT};
-use super::head::{fit_logistic, FitParams, LogisticHead};
+use super::head::{fit_logistic, fit_mlp, FitParams, LogisticHead, MlpParams};
 use super::metrics::{auroc, best_f1_threshold, recall_at_fpr, Confusion, Scored};
 use crate::engine::llama::{sha256_file, FeatureSpec, LlamaConfig, LlamaScorer, Pooling};
 
@@ -415,6 +415,9 @@ pub struct Candidate {
     pub pooling: Vec<Pooling>,
     /// L2 penalty.
     pub l2: f64,
+    /// Hidden units of the head (0, left out of the file: logistic regression).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub hidden: usize,
     /// Dev AUROC.
     pub auroc: Option<f64>,
     /// Threshold chosen on dev (best F1 with FPR <= max_fpr).
@@ -425,6 +428,10 @@ pub struct Candidate {
     pub fpr: Option<f64>,
     /// Dev recall at 1 % FPR.
     pub recall_at_1pct_fpr: Option<f64>,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 fn columns(
@@ -772,8 +779,23 @@ pub fn run(args: &crate::config::TrainArgs) -> anyhow::Result<PathBuf> {
     for n in 2..=spec.layers.len() {
         layer_sets.push(spec.layers[..n].to_vec());
     }
+    // The hidden-layer heads read every candidate layer with both poolings.
+    let mut plan: Vec<(Vec<u32>, Vec<Pooling>, usize)> = Vec::new();
     for layers in &layer_sets {
         for pooling in &pools {
+            plan.push((layers.clone(), pooling.clone(), 0));
+        }
+    }
+    if args.hidden > 0 {
+        plan.push((
+            spec.layers.clone(),
+            vec![Pooling::Last, Pooling::Mean],
+            args.hidden,
+        ));
+    }
+    for (layers, pooling, hidden) in &plan {
+        let (layers, pooling, hidden) = (layers, pooling, *hidden);
+        {
             let tx: Vec<Vec<f32>> = train_x
                 .iter()
                 .map(|x| columns(x, n_embd, &spec.layers, layers, pooling))
@@ -782,22 +804,43 @@ pub fn run(args: &crate::config::TrainArgs) -> anyhow::Result<PathBuf> {
                 .iter()
                 .map(|x| columns(x, n_embd, &spec.layers, layers, pooling))
                 .collect();
-            for &l2 in &args.l2 {
-                let head = fit_logistic(
-                    &tx,
-                    &y,
-                    &weights,
-                    FitParams {
-                        l2,
-                        ..FitParams::default()
-                    },
-                );
+            let penalties = if hidden > 0 {
+                &args.hidden_l2
+            } else {
+                &args.l2
+            };
+            for &l2 in penalties {
+                let head = if hidden > 0 {
+                    fit_mlp(
+                        &tx,
+                        &y,
+                        &weights,
+                        MlpParams {
+                            units: hidden,
+                            l2,
+                            epochs: args.hidden_epochs,
+                            seed: args.seed,
+                            ..MlpParams::default()
+                        },
+                    )
+                } else {
+                    fit_logistic(
+                        &tx,
+                        &y,
+                        &weights,
+                        FitParams {
+                            l2,
+                            ..FitParams::default()
+                        },
+                    )
+                };
                 let scored = score_rows(&head, &dx, &dev);
                 let chosen = best_f1_threshold(&scored, args.max_fpr);
                 let c = Candidate {
                     layers: layers.clone(),
                     pooling: pooling.clone(),
                     l2,
+                    hidden,
                     auroc: auroc(&scored),
                     threshold: chosen.map(|(t, _)| t),
                     f1: chosen.map(|(_, f)| f),
@@ -805,13 +848,18 @@ pub fn run(args: &crate::config::TrainArgs) -> anyhow::Result<PathBuf> {
                     recall_at_1pct_fpr: recall_at_fpr(&scored, 0.01),
                 };
                 eprintln!(
-                    "layers {:<14} {:<10} l2 {:<7} dev AUROC {:.4} F1 {:.4} FPR {:.4} R@1%FPR {:.4}",
+                    "layers {:<14} {:<10}{} l2 {:<7} dev AUROC {:.4} F1 {:.4} FPR {:.4} R@1%FPR {:.4}",
                     format!("{layers:?}"),
                     pooling
                         .iter()
                         .map(|p| format!("{p:?}").to_lowercase())
                         .collect::<Vec<_>>()
                         .join("+"),
+                    if hidden > 0 {
+                        format!(" mlp {hidden}")
+                    } else {
+                        String::new()
+                    },
                     l2,
                     c.auroc.unwrap_or(f64::NAN),
                     c.f1.unwrap_or(f64::NAN),
@@ -830,7 +878,7 @@ pub fn run(args: &crate::config::TrainArgs) -> anyhow::Result<PathBuf> {
             layers.dedup();
             fitted
                 .iter()
-                .filter(|(c, _)| c.layers == layers)
+                .filter(|(c, _)| c.layers == layers && c.hidden == 0)
                 .cloned()
                 .collect()
         }
@@ -991,6 +1039,7 @@ mod tests {
             layers: layers.to_vec(),
             pooling: vec![Pooling::Mean],
             l2: 1e-3,
+            hidden: 0,
             auroc: Some(auroc),
             threshold: Some(0.5),
             f1: Some(f1),
