@@ -159,8 +159,8 @@ echo "daemon stopped cleanly (exit 0, socket removed)"
 
 cat <<'NOTE'
 
-Note: the default detector is a logistic head on SmolLM2-135M-Instruct's
-hidden states, trained on ../shared/data/train.jsonl plus data/hard_negatives.jsonl
-(docs/detector.md has its figures on dev and on sources it never saw, and
-where it still fails).
+Note: the default detector is a small head (one hidden layer) on
+SmolLM2-135M-Instruct's hidden states, trained on ../shared/data/train.jsonl
+plus the project's hand-written sets in data/ (docs/detector.md has its
+figures on dev and on sources it never saw, and where it still fails).
 NOTE

@@ -70,6 +70,8 @@ fn train(dir: &Path, train: &Path, dev: &Path, out: &str) -> PathBuf {
             "80",
             "--dev-limit",
             "60",
+            "--hidden",
+            "16",
         ])
         .args(["--threads", &common::threads()])
         .arg("--cache-dir")
@@ -108,6 +110,12 @@ fn train_on_a_subset_beats_chance_on_held_apart_rows_and_serves() {
     assert_eq!(file.features.spec.layers, vec![12]);
     assert_eq!(file.training.rows_used, 160);
     assert!(!file.candidates.is_empty());
+    // `--hidden 16` adds hidden-layer heads to the logistic candidates.
+    assert!(
+        file.candidates.iter().any(|c| c.hidden == 16),
+        "{:?}",
+        file.candidates
+    );
 
     // Deterministic for a seed, and the second run reads the feature cache:
     // the cache file does not grow.
@@ -160,6 +168,11 @@ fn train_on_a_subset_beats_chance_on_held_apart_rows_and_serves() {
     let mut flipped = file.clone();
     flipped.head.weights.iter_mut().for_each(|w| *w = -*w);
     flipped.head.bias = -flipped.head.bias;
+    // The early-exit head too, or it would still decide the canary right.
+    if let Some(e) = flipped.early_exit.as_mut() {
+        e.head.weights.iter_mut().for_each(|w| *w = -*w);
+        e.head.bias = -e.head.bias;
+    }
     std::fs::remove_file(models.join("shipped.detector.json")).unwrap();
     flipped
         .write(&models.join("flipped.detector.json"))
@@ -174,12 +187,25 @@ fn train_on_a_subset_beats_chance_on_held_apart_rows_and_serves() {
     let mut wide = file.clone();
     // Without the early exit, whose size the file check ties to the head's.
     wide.early_exit = None;
-    for v in [&mut wide.head.weights, &mut wide.head.mean] {
+    let dim = wide.head.dim();
+    match wide.head.hidden.as_mut() {
+        // Each hidden unit reads twice as many features.
+        Some(h) => {
+            h.weights = h
+                .weights
+                .chunks(dim)
+                .flat_map(|r| r.iter().chain(r).copied())
+                .collect();
+        }
+        None => {
+            let copy = wide.head.weights.clone();
+            wide.head.weights.extend(copy);
+        }
+    }
+    for v in [&mut wide.head.mean, &mut wide.head.scale] {
         let copy = v.clone();
         v.extend(copy);
     }
-    let copy = wide.head.scale.clone();
-    wide.head.scale.extend(copy);
     let p = d.join("wide.detector.json");
     wide.write(&p).unwrap();
     let e = promptgate::app::load_model(
@@ -268,6 +294,7 @@ fn synthetic(base_file: &str, base_sha256: &str) -> DetectorFile {
             scale: vec![1.0; dim],
             weights: vec![0.0; dim],
             bias: 0.0,
+            hidden: None,
         },
         threshold: 0.5,
         training: TrainingInfo {
@@ -364,6 +391,7 @@ fn early_exit_head_decides_confident_windows_and_defers_the_rest() {
             .map(|i| ((i * 7919 % 13) as f32 - 6.0) * 1e-3)
             .collect(),
         bias: 0.1,
+        hidden: None,
     };
 
     // The exit head's expected score, from the same layers read by a plain
@@ -524,4 +552,44 @@ fn regression_shipped_early_exit_flagged_summarize_the_following_email() {
             s.early_exit_windows
         );
     }
+}
+
+/// Regression: the detector shipped before the contrast sets caught none of
+/// the 30 held-apart prompts that hide an injection inside a document to
+/// summarise, translate or answer (recall 0.000 on `promptgate_documents` in
+/// `data/hard_heldout.jsonl`): the mean over a long benign text drowned one
+/// or two hijacking sentences. The shipped detector is trained on other
+/// pairs of the same kind (never these rows) and must catch most of them
+/// without flagging the same documents left clean.
+#[test]
+fn regression_shipped_detector_missed_injections_inside_documents() {
+    let shipped =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("models/smollm2-135m-head.detector.json");
+    let file = DetectorFile::read(&shipped).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path();
+    std::os::unix::fs::symlink(common::smollm2(), models.join(&file.base.file)).unwrap();
+    let config = LlamaConfig {
+        threads: common::threads().parse().unwrap(),
+        ..LlamaConfig::default()
+    };
+    let mut scorer = promptgate::app::load_model(&shipped, models, config).unwrap();
+    let rows: Vec<_> =
+        read_rows(&Path::new(env!("CARGO_MANIFEST_DIR")).join("data/hard_heldout.jsonl"))
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.source.as_deref() == Some("promptgate_documents"))
+            .collect();
+    assert_eq!(rows.len(), 60, "30 documents, each clean and injected");
+    let (report, _) = evaluate(&mut scorer, &rows, None, "documents", |_, _| {});
+    let o = &report.overall;
+    assert_eq!(o.unscored, 0);
+    let (recall, fpr) = (o.recall.unwrap(), o.fpr.unwrap());
+    assert!(
+        recall >= 0.8 && fpr <= 0.1,
+        "recall {recall} (tp {} fn {}), FPR {fpr} (fp {})",
+        o.tp,
+        o.r#fn,
+        o.fp
+    );
 }
