@@ -523,21 +523,11 @@ fn early_exit_head_decides_confident_windows_and_defers_the_rest() {
 #[test]
 fn regression_shipped_early_exit_flagged_summarize_the_following_email() {
     use promptgate::engine::Scorer;
-    let shipped =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("models/smollm2-135m-head.detector.json");
-    let file = DetectorFile::read(&shipped).unwrap();
+    let (file, mut scorer) = shipped_scorer();
     assert!(
         file.early_exit.is_some(),
         "the shipped detector has an early exit"
     );
-    let dir = tempfile::tempdir().unwrap();
-    let models = dir.path();
-    std::os::unix::fs::symlink(common::smollm2(), models.join(&file.base.file)).unwrap();
-    let config = LlamaConfig {
-        threads: common::threads().parse().unwrap(),
-        ..LlamaConfig::default()
-    };
-    let mut scorer = promptgate::app::load_model(&shipped, models, config).unwrap();
     for text in [
         "Summarize the following email for me.",
         "Please summarise this article about tide pools.",
@@ -563,17 +553,7 @@ fn regression_shipped_early_exit_flagged_summarize_the_following_email() {
 /// without flagging the same documents left clean.
 #[test]
 fn regression_shipped_detector_missed_injections_inside_documents() {
-    let shipped =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("models/smollm2-135m-head.detector.json");
-    let file = DetectorFile::read(&shipped).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let models = dir.path();
-    std::os::unix::fs::symlink(common::smollm2(), models.join(&file.base.file)).unwrap();
-    let config = LlamaConfig {
-        threads: common::threads().parse().unwrap(),
-        ..LlamaConfig::default()
-    };
-    let mut scorer = promptgate::app::load_model(&shipped, models, config).unwrap();
+    let (_, mut scorer) = shipped_scorer();
     let rows: Vec<_> =
         read_rows(&Path::new(env!("CARGO_MANIFEST_DIR")).join("data/hard_heldout.jsonl"))
             .unwrap()
@@ -592,4 +572,20 @@ fn regression_shipped_detector_missed_injections_inside_documents() {
         o.r#fn,
         o.fp
     );
+}
+
+/// The shipped detector file and a scorer that loaded it with its base GGUF
+/// (linked into a temporary models directory, which only the load reads).
+fn shipped_scorer() -> (DetectorFile, promptgate::engine::llama::LlamaScorer) {
+    let shipped =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("models/smollm2-135m-head.detector.json");
+    let file = DetectorFile::read(&shipped).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(common::smollm2(), dir.path().join(&file.base.file)).unwrap();
+    let config = LlamaConfig {
+        threads: common::threads().parse().unwrap(),
+        ..LlamaConfig::default()
+    };
+    let scorer = promptgate::app::load_model(&shipped, dir.path(), config).unwrap();
+    (file, scorer)
 }
