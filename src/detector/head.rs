@@ -156,16 +156,17 @@ impl LogisticHead {
                     h.bias.len()
                 ));
             }
-            if !h.weights.iter().chain(&h.bias).all(|x| x.is_finite()) {
-                return Err("head holds a non-finite number".into());
-            }
         }
-        let finite = |v: &[f32]| v.iter().all(|x| x.is_finite());
-        if !finite(&self.weights)
-            || !finite(&self.mean)
-            || !finite(&self.scale)
-            || !self.bias.is_finite()
-        {
+        let hidden = self
+            .hidden
+            .iter()
+            .flat_map(|h| h.weights.iter().chain(&h.bias));
+        let mut all = (self.weights.iter())
+            .chain(&self.mean)
+            .chain(&self.scale)
+            .chain(hidden)
+            .chain([&self.bias]);
+        if !all.all(|x| x.is_finite()) {
             return Err("head holds a non-finite number".into());
         }
         if self.scale.iter().any(|&s| s <= 0.0) {

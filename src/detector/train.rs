@@ -794,81 +794,79 @@ pub fn run(args: &crate::config::TrainArgs) -> anyhow::Result<PathBuf> {
         ));
     }
     for (layers, pooling, hidden) in &plan {
-        let (layers, pooling, hidden) = (layers, pooling, *hidden);
-        {
-            let tx: Vec<Vec<f32>> = train_x
-                .iter()
-                .map(|x| columns(x, n_embd, &spec.layers, layers, pooling))
-                .collect();
-            let dx: Vec<Vec<f32>> = dev_x
-                .iter()
-                .map(|x| columns(x, n_embd, &spec.layers, layers, pooling))
-                .collect();
-            let penalties = if hidden > 0 {
-                &args.hidden_l2
-            } else {
-                &args.l2
-            };
-            for &l2 in penalties {
-                let head = if hidden > 0 {
-                    fit_mlp(
-                        &tx,
-                        &y,
-                        &weights,
-                        MlpParams {
-                            units: hidden,
-                            l2,
-                            epochs: args.hidden_epochs,
-                            seed: args.seed,
-                            ..MlpParams::default()
-                        },
-                    )
-                } else {
-                    fit_logistic(
-                        &tx,
-                        &y,
-                        &weights,
-                        FitParams {
-                            l2,
-                            ..FitParams::default()
-                        },
-                    )
-                };
-                let scored = score_rows(&head, &dx, &dev);
-                let chosen = best_f1_threshold(&scored, args.max_fpr);
-                let c = Candidate {
-                    layers: layers.clone(),
-                    pooling: pooling.clone(),
-                    l2,
-                    hidden,
-                    auroc: auroc(&scored),
-                    threshold: chosen.map(|(t, _)| t),
-                    f1: chosen.map(|(_, f)| f),
-                    fpr: chosen.and_then(|(t, _)| Confusion::at(&scored, t).fpr()),
-                    recall_at_1pct_fpr: recall_at_fpr(&scored, 0.01),
-                };
-                eprintln!(
-                    "layers {:<14} {:<10}{} l2 {:<7} dev AUROC {:.4} F1 {:.4} FPR {:.4} R@1%FPR {:.4}",
-                    format!("{layers:?}"),
-                    pooling
-                        .iter()
-                        .map(|p| format!("{p:?}").to_lowercase())
-                        .collect::<Vec<_>>()
-                        .join("+"),
-                    if hidden > 0 {
-                        format!(" mlp {hidden}")
-                    } else {
-                        String::new()
+        let hidden = *hidden;
+        let tx: Vec<Vec<f32>> = train_x
+            .iter()
+            .map(|x| columns(x, n_embd, &spec.layers, layers, pooling))
+            .collect();
+        let dx: Vec<Vec<f32>> = dev_x
+            .iter()
+            .map(|x| columns(x, n_embd, &spec.layers, layers, pooling))
+            .collect();
+        let penalties = if hidden > 0 {
+            &args.hidden_l2
+        } else {
+            &args.l2
+        };
+        for &l2 in penalties {
+            let head = if hidden > 0 {
+                fit_mlp(
+                    &tx,
+                    &y,
+                    &weights,
+                    MlpParams {
+                        units: hidden,
+                        l2,
+                        epochs: args.hidden_epochs,
+                        seed: args.seed,
+                        ..MlpParams::default()
                     },
-                    l2,
-                    c.auroc.unwrap_or(f64::NAN),
-                    c.f1.unwrap_or(f64::NAN),
-                    c.fpr.unwrap_or(f64::NAN),
-                    c.recall_at_1pct_fpr.unwrap_or(f64::NAN),
-                );
-                candidates.push(c.clone());
-                fitted.push((c, head));
-            }
+                )
+            } else {
+                fit_logistic(
+                    &tx,
+                    &y,
+                    &weights,
+                    FitParams {
+                        l2,
+                        ..FitParams::default()
+                    },
+                )
+            };
+            let scored = score_rows(&head, &dx, &dev);
+            let chosen = best_f1_threshold(&scored, args.max_fpr);
+            let c = Candidate {
+                layers: layers.clone(),
+                pooling: pooling.clone(),
+                l2,
+                hidden,
+                auroc: auroc(&scored),
+                threshold: chosen.map(|(t, _)| t),
+                f1: chosen.map(|(_, f)| f),
+                fpr: chosen.and_then(|(t, _)| Confusion::at(&scored, t).fpr()),
+                recall_at_1pct_fpr: recall_at_fpr(&scored, 0.01),
+            };
+            eprintln!(
+                "layers {:<14} {:<10}{} l2 {:<7} dev AUROC {:.4} F1 {:.4} FPR {:.4} R@1%FPR {:.4}",
+                format!("{layers:?}"),
+                pooling
+                    .iter()
+                    .map(|p| format!("{p:?}").to_lowercase())
+                    .collect::<Vec<_>>()
+                    .join("+"),
+                if hidden > 0 {
+                    format!(" mlp {hidden}")
+                } else {
+                    String::new()
+                },
+                l2,
+                c.auroc.unwrap_or(f64::NAN),
+                c.f1.unwrap_or(f64::NAN),
+                c.fpr.unwrap_or(f64::NAN),
+                c.recall_at_1pct_fpr.unwrap_or(f64::NAN),
+            );
+            candidates.push(c.clone());
+            fitted.push((c, head));
         }
     }
     let exit_fits: Vec<(Candidate, LogisticHead)> = match &args.early_exit {
