@@ -186,6 +186,13 @@ fn list(dir: &Path, pinned: Option<&str>) -> std::io::Result<Vec<(String, PathBu
             out.push((name, path, Fingerprint::of(&meta)));
         }
     }
+    // A directory that holds a detector serves detectors only: were every
+    // detector refused (a half-copied file, a base GGUF that changed), a bare
+    // GGUF would answer zero-shot, near chance, and look healthy. Bare GGUFs
+    // there are bases, not candidates; pin one with `--model` to serve it.
+    if out.iter().any(|(name, _, _)| rank(name) == 1) {
+        out.retain(|(name, _, _)| rank(name) == 1);
+    }
     // Detectors first, then newest first by ctime, ties by name (last first).
     out.sort_by(|a, b| {
         rank(&b.0)
@@ -740,12 +747,40 @@ mod tests {
                 name: "next.detector.json".into()
             }
         );
-        // A refused detector falls back to the newest bare GGUF at start-up.
-        let dir2 = tempfile::tempdir().unwrap();
-        write(dir2.path(), "a.gguf", "ok a");
-        write(dir2.path(), "bad.detector.json", "base missing");
-        let (_, engine2) = Registry::start(config(dir2.path(), None), loader(), 4).unwrap();
-        assert_eq!(engine2.info().model.name, "a.gguf");
+    }
+
+    /// Reported by a fresh session: a detector refused at start-up (here, a
+    /// half-copied one) let the bare GGUF beside it serve zero-shot, near
+    /// chance, while health said `ok`.
+    #[tokio::test]
+    async fn regression_refused_detector_fell_back_to_a_zero_shot_gguf() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        write(d, "a.gguf", "ok a");
+        write(d, "bad.detector.json", "half written");
+        let err = Registry::start(config(d, None), loader(), 4)
+            .err()
+            .expect("a refused detector must not hand over to a bare GGUF");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("no model could be loaded") && msg.contains("bad.detector.json"),
+            "{msg}"
+        );
+        // Pinned, the bare GGUF still serves: the operator asked for it.
+        let (_, engine) = Registry::start(config(d, Some("a.gguf")), loader(), 4).unwrap();
+        assert_eq!(engine.info().model.name, "a.gguf");
+        // A valid detector beside the bad one serves, and a bare GGUF is
+        // never listed as a candidate while a detector is present.
+        write(d, "good.detector.json", "ok good");
+        let (reg, engine) = Registry::start(config(d, None), loader(), 4).unwrap();
+        assert_eq!(engine.info().model.name, "good.detector.json");
+        let names: Vec<String> = reg.models_json()["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["name"].as_str().unwrap().to_string())
+            .collect();
+        assert!(!names.contains(&"a.gguf".to_string()), "{names:?}");
     }
 
     #[tokio::test]
