@@ -108,6 +108,40 @@ fn long_prompt_is_windowed_not_truncated() {
     );
 }
 
+/// Reported by a fresh session: a request that timed out (or whose client
+/// left) kept the single inference thread through every window of its long
+/// prompt, so later requests timed out too. The scorer now stops between
+/// windows once nobody waits, and stays usable.
+#[test]
+fn regression_abandoned_long_prompt_held_the_inference_thread() {
+    let cfg = LlamaConfig {
+        n_ctx: 256,
+        ..config()
+    };
+    let mut s = LlamaScorer::load(&common::smollm2(), cfg).unwrap();
+    let long = "The weather report says it will rain tomorrow afternoon. ".repeat(60);
+    let full = s.score(&long).unwrap();
+    assert!(full.windows >= 3, "{} windows", full.windows);
+    let asked = std::cell::Cell::new(0usize);
+    let abandoned = || {
+        asked.set(asked.get() + 1);
+        asked.get() >= 2
+    };
+    match s.score_unless(&long, &abandoned) {
+        Err(promptgate::engine::EngineError::Cancelled {
+            windows_done,
+            windows,
+        }) => {
+            assert_eq!((windows_done, windows), (2, full.windows));
+        }
+        other => panic!("expected Cancelled, got {other:?}"),
+    }
+    // Nothing left half done: the same prompts score as before.
+    assert_eq!(s.score(&long).unwrap(), full);
+    // Never abandoned: the same answer as `score`.
+    assert_eq!(s.score_unless(&long, &|| false).unwrap(), full);
+}
+
 #[test]
 fn input_over_the_cap_is_refused() {
     let cfg = LlamaConfig {

@@ -646,7 +646,7 @@ impl LlamaScorer {
     /// # Errors
     /// As [`Scorer::score`].
     pub fn score_uncached(&mut self, text: &str) -> Result<Score, EngineError> {
-        let score = self.score_with(text, false);
+        let score = self.score_with(text, false, &|| false);
         self.prefix_cached = false;
         score
     }
@@ -679,7 +679,12 @@ impl LlamaScorer {
         Ok(tokens)
     }
 
-    fn score_with(&mut self, text: &str, use_cache: bool) -> Result<Score, EngineError> {
+    fn score_with(
+        &mut self,
+        text: &str,
+        use_cache: bool,
+        abandoned: &dyn Fn() -> bool,
+    ) -> Result<Score, EngineError> {
         if self.features.is_some() && self.head.is_none() {
             return Err(EngineError::Unsupported {
                 model: self.model_ref.name.clone(),
@@ -691,8 +696,14 @@ impl LlamaScorer {
         let mut best = 0.0f64;
         let mut best_thought: Option<Thought> = None;
         let mut early_exit_windows = 0;
-        for r in &ranges {
+        for (i, r) in ranges.iter().enumerate() {
             super::watchdog_tick();
+            if i > 0 && abandoned() {
+                return Err(EngineError::Cancelled {
+                    windows_done: i,
+                    windows: ranges.len(),
+                });
+            }
             let window = &tokens[r.clone()];
             let p = if self.head.is_some() {
                 let p = match self.window_features(window, use_cache, true)? {
@@ -1267,10 +1278,18 @@ impl Scorer for LlamaScorer {
     }
 
     fn score(&mut self, text: &str) -> Result<Score, EngineError> {
+        self.score_unless(text, &|| false)
+    }
+
+    fn score_unless(
+        &mut self,
+        text: &str,
+        abandoned: &dyn Fn() -> bool,
+    ) -> Result<Score, EngineError> {
         let use_cache = self.prefix_reuse;
         self.last_thought = None;
         self.pending_thought = None;
-        self.score_with(text, use_cache).map_err(|e| {
+        self.score_with(text, use_cache, abandoned).map_err(|e| {
             if let EngineError::Inference(_) = e {
                 tracing::error!(model = %self.path.display(), error = %e, "inference failed");
                 self.prefix_cached = false;

@@ -57,6 +57,15 @@ pub enum EngineError {
     /// The worker thread is gone.
     #[error("the inference worker has stopped")]
     WorkerGone,
+    /// The job was abandoned between two windows: nobody waits for its
+    /// answer any more (the request timed out or its connection closed).
+    #[error("abandoned after {windows_done} of {windows} windows: nobody waits for the answer")]
+    Cancelled {
+        /// Windows scored before stopping.
+        windows_done: usize,
+        /// Windows the prompt has.
+        windows: usize,
+    },
     /// A guard model's answer did not have its format's shape, so there is
     /// no verdict to report (never read as benign). The raw text is logged at debug level.
     #[error("the model's answer could not be parsed ({why})")]
@@ -72,6 +81,7 @@ impl EngineError {
         let kind = match self {
             EngineError::InputTooLong { .. } => ErrorType::InputTooLong,
             EngineError::Unparsed { .. } => ErrorType::Unparsed,
+            EngineError::Cancelled { .. } => ErrorType::Timeout,
             _ => ErrorType::Internal,
         };
         RequestError::new(kind, self.to_string())
@@ -112,6 +122,21 @@ pub trait Scorer {
     /// # Errors
     /// [`EngineError::InputTooLong`] past the token cap; [`EngineError::Inference`] when the model fails.
     fn score(&mut self, text: &str) -> Result<Score, EngineError>;
+    /// [`Scorer::score`], giving up between two windows once `abandoned()`
+    /// says nobody waits for the answer any more, so that one long prompt
+    /// whose request timed out cannot hold the single inference thread for
+    /// minutes. The default scores to the end.
+    ///
+    /// # Errors
+    /// Those of [`Scorer::score`]; [`EngineError::Cancelled`] when abandoned.
+    fn score_unless(
+        &mut self,
+        text: &str,
+        abandoned: &dyn Fn() -> bool,
+    ) -> Result<Score, EngineError> {
+        let _ = abandoned;
+        self.score(text)
+    }
     /// Writes a one-sentence reason for the verdict `ask` on `text`, which
     /// [`Scorer::score`] has just scored. Called only when a client asks for
     /// a reason, after the score: the score never depends on it, and a scorer
@@ -443,9 +468,17 @@ fn worker_loop(scorer: &mut dyn Scorer, rx: &crossbeam_channel::Receiver<Job>) {
         let queue_ms = ms(started - job.enqueued);
         // A panic inside the model code answers `internal` for this job and
         // leaves the worker serving, rather than killing the queue.
-        let outcome =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| scorer.score(&job.text)))
-                .unwrap_or_else(|_| Err(EngineError::Inference("the scorer panicked".into())));
+        // The server drops its receiver when the request times out, so a
+        // closed reply means nobody waits: stop between windows.
+        let abandoned = || job.reply.is_closed();
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            scorer.score_unless(&job.text, &abandoned)
+        }))
+        .unwrap_or_else(|_| Err(EngineError::Inference("the scorer panicked".into())));
+        if let Err(e @ EngineError::Cancelled { .. }) = &outcome {
+            tracing::info!(reason = %e, "job abandoned");
+            continue;
+        }
         let infer_ms = ms(started.elapsed());
         let result = outcome
             .map(|score| Scored {
@@ -580,6 +613,72 @@ mod tests {
         assert_eq!(third.kind, ErrorType::Overloaded);
         assert!(first.await.unwrap().is_ok());
         assert!(second.await.unwrap().is_ok());
+    }
+
+    /// Ten 30 ms "windows" per prompt, counting those it scores.
+    struct Windowed(ModelRef, Arc<std::sync::atomic::AtomicUsize>);
+    impl Scorer for Windowed {
+        fn model(&self) -> &ModelRef {
+            &self.0
+        }
+        fn default_threshold(&self) -> f64 {
+            0.5
+        }
+        fn score(&mut self, text: &str) -> Result<Score, EngineError> {
+            self.score_unless(text, &|| false)
+        }
+        fn score_unless(
+            &mut self,
+            _: &str,
+            abandoned: &dyn Fn() -> bool,
+        ) -> Result<Score, EngineError> {
+            for i in 0..10 {
+                if i > 0 && abandoned() {
+                    return Err(EngineError::Cancelled {
+                        windows_done: i,
+                        windows: 10,
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(30));
+                self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            Ok(Score {
+                p_malicious: 0.5,
+                tokens: 10,
+                windows: 10,
+                early_exit_windows: 0,
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_job_nobody_waits_for_stops_between_windows() {
+        let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = done.clone();
+        let engine = Engine::spawn(4, move || {
+            Ok(Box::new(Windowed(
+                ModelRef {
+                    name: "windowed".into(),
+                    sha256: "00".into(),
+                },
+                counter,
+            )) as Box<dyn Scorer>)
+        })
+        .unwrap();
+        // The warm-up's canaries count too.
+        let before = done.load(std::sync::atomic::Ordering::SeqCst);
+        // The server drops the receiver when a request times out.
+        let rx = engine.try_submit("long".into()).unwrap();
+        tokio::time::sleep(Duration::from_millis(45)).await;
+        drop(rx);
+        // The next job is answered in full, after the first one stopped early.
+        let next = engine.try_submit("next".into()).unwrap().await.unwrap();
+        assert_eq!(next.unwrap().score.windows, 10);
+        let scored = done.load(std::sync::atomic::Ordering::SeqCst) - before;
+        assert!(
+            (10..20).contains(&scored),
+            "{scored} windows scored: the abandoned job should stop early"
+        );
     }
 
     /// A "trained" scorer that flags everything: it fails the benign canary.
