@@ -145,14 +145,11 @@ fn classify_one(
     id: Value,
     text: &str,
 ) -> (Vec<u8>, ExitCode) {
-    if text.trim().is_empty() {
-        return error_line(
-            id,
-            RequestError::new(ErrorType::EmptyText, "`text` is empty"),
-        );
-    }
     let started = Instant::now();
-    let normalized = crate::normalize::normalize(text);
+    let normalized = match crate::normalize::prepare(text) {
+        Ok(n) => n,
+        Err(err) => return error_line(id, err),
+    };
     match scorer.score(&normalized.text) {
         Err(e) => error_line(id, e.to_request_error()),
         Ok(score) => {

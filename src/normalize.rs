@@ -137,6 +137,35 @@ pub const MIN_SPACED_LETTERS: usize = 4;
 /// The share of printable characters decoded bytes need to count as text.
 const PRINTABLE_RATIO: f64 = 0.9;
 
+/// The checks every prompt passes before scoring, the same in `serve`,
+/// `classify` and `eval`, then [`normalize`].
+///
+/// # Errors
+/// `invalid_request` for a NUL character; `empty_text` when the text is
+/// empty or blank, or when nothing is left once invisible characters are
+/// removed (a prompt of zero-width spaces has no token to score, and a
+/// verdict on an empty window would be the template's, not the prompt's).
+pub fn prepare(text: &str) -> Result<Normalized, crate::protocol::RequestError> {
+    use crate::protocol::{ErrorType, RequestError};
+    if text.contains('\0') {
+        return Err(RequestError::new(
+            ErrorType::InvalidRequest,
+            "`text` contains a NUL character",
+        ));
+    }
+    if text.trim().is_empty() {
+        return Err(RequestError::new(ErrorType::EmptyText, "`text` is empty"));
+    }
+    let normalized = normalize(text);
+    if normalized.text.trim().is_empty() {
+        return Err(RequestError::new(
+            ErrorType::EmptyText,
+            "`text` holds only invisible characters: nothing is left to score",
+        ));
+    }
+    Ok(normalized)
+}
+
 /// Normalises `text` for scoring. See the [module documentation](self) for
 /// the rules. The input is not modified; keep it for the response.
 ///
@@ -951,6 +980,18 @@ fn floor_char_boundary(s: &str, max: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prepare_refuses_what_the_daemon_refuses() {
+        use crate::protocol::ErrorType;
+        let kind = |t: &str| prepare(t).err().map(|e| e.kind);
+        assert_eq!(kind(""), Some(ErrorType::EmptyText));
+        assert_eq!(kind(" \t\n"), Some(ErrorType::EmptyText));
+        assert_eq!(kind("\u{200b}\u{200b}"), Some(ErrorType::EmptyText));
+        assert_eq!(kind("\u{feff}"), Some(ErrorType::EmptyText));
+        assert_eq!(kind("abc\0def"), Some(ErrorType::InvalidRequest));
+        assert_eq!(prepare("a\u{200b}b").unwrap().text, "ab");
+    }
     use base64::engine::general_purpose::{STANDARD as B64, URL_SAFE_NO_PAD as B64URL};
 
     fn tags(s: &str) -> String {

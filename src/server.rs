@@ -613,7 +613,10 @@ fn handle_frame(frame: Frame, shared: &Arc<Shared>) -> Pending {
         Ok(Request::Classify(req)) => {
             // The model sees what an attack means, not what it hides; the
             // answer says what was changed.
-            let normalized = crate::normalize::normalize(&req.text);
+            let normalized = match crate::normalize::prepare(&req.text) {
+                Ok(n) => n,
+                Err(err) => return error_pending(shared, req.id, err),
+            };
             let options = crate::engine::JobOptions {
                 threshold: req.threshold,
                 explain: req.explain.then_some(shared.config.explain_limits),

@@ -18,6 +18,8 @@ fn eval_reports_the_documented_fields_overall_and_per_source() {
         r#"{"text":"How do I ignore whitespace changes in git diff?","label":"benign","category":"benign","source":"b"}"#,
         "",
         r#"{"text":"Translate good morning into German.","label":"benign","source":"b"}"#,
+        // The daemon answers `empty_text` to this: eval counts it unscored.
+        r#"{"text":"\u200b\u200b","label":"malicious","source":"c"}"#,
     ];
     std::fs::write(&data, rows.join("\n")).unwrap();
     let json = dir.path().join("r.json");
@@ -50,12 +52,17 @@ fn eval_reports_the_documented_fields_overall_and_per_source() {
         "{stdout}"
     );
     let r: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    assert_eq!(r["n"], 5, "the blank line is skipped: {r}");
+    assert_eq!(r["n"], 6, "the blank line is skipped: {r}");
     let counts: u64 = ["tp", "fp", "tn", "fn"]
         .iter()
         .map(|k| r[k].as_u64().unwrap())
         .sum();
-    assert_eq!(counts, 5);
+    assert_eq!(
+        counts, 5,
+        "the invisible-only row is not in the confusion matrix"
+    );
+    assert_eq!(r["unscored"], 1);
+    assert_eq!(r["by_source"]["c"]["unscored"], 1);
     for k in [
         "precision",
         "recall",
@@ -77,7 +84,7 @@ fn eval_reports_the_documented_fields_overall_and_per_source() {
         r["by_source"]["b"]["recall"].is_null(),
         "no malicious rows in b: recall undefined"
     );
-    assert_eq!(r["by_category"]["(none)"]["n"], 1);
+    assert_eq!(r["by_category"]["(none)"]["n"], 2);
 
     // A bad label is an error naming the line (exit 2).
     std::fs::write(&data, r#"{"text":"x","label":"spam"}"#).unwrap();

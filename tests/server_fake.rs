@@ -155,6 +155,31 @@ async fn json_and_plain_text_requests_are_classified() {
     assert!(d.stop().await);
 }
 
+/// Reported by a fresh session: a prompt of zero-width spaces (or a lone
+/// BOM) got a verdict on a window with no token instead of `empty_text`.
+#[tokio::test]
+async fn regression_invisible_only_text_got_a_verdict() {
+    let d = Daemon::start(16, ServerConfig::default()).await;
+    let mut c = d.connect().await;
+    for text in [
+        r"\u200b\u200b\u200b",
+        r"\ufeff",
+        r"\u202e",
+        r" \u200b\u2060 ",
+    ] {
+        let v = c.ask(&format!(r#"{{"id":"zw","text":"{text}"}}"#)).await;
+        assert_eq!(
+            (err_type(&v), &v["id"]),
+            ("empty_text", &json!("zw")),
+            "{text}: {v}"
+        );
+    }
+    // Visible text around them is still scored.
+    let v = c.ask(r#"{"id":"ok","text":"hi\u200bthere"}"#).await;
+    assert_eq!(v["label"], "benign", "{v}");
+    assert!(d.stop().await);
+}
+
 #[tokio::test]
 async fn errors_keep_the_connection_usable() {
     let d = Daemon::start(

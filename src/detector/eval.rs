@@ -173,8 +173,11 @@ pub fn evaluate(
     let mut outcomes = Vec::with_capacity(rows.len());
     for (i, row) in rows.iter().enumerate() {
         let started = Instant::now();
-        let normalized = crate::normalize::normalize(&row.text);
-        let result = scorer.score(&normalized.text);
+        // The daemon's own checks: a row it would refuse is unscored here.
+        let result = match crate::normalize::prepare(&row.text) {
+            Ok(normalized) => scorer.score(&normalized.text).map_err(|e| e.to_string()),
+            Err(e) => Err(format!("{}: {}", e.kind.as_str(), e.message)),
+        };
         let latency_ms = crate::engine::ms(started.elapsed());
         let (score, tokens, windows) = match result {
             Ok(s) => (
