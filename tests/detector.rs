@@ -252,6 +252,13 @@ fn train_refuses_bad_settings_and_one_label_data_at_once() {
     // An early-exit layer that is not extracted is refused before any work.
     let e = run(&["--layers", "12", "--early-exit", "6"], &train_f);
     assert!(e.contains("--early-exit [6]"), "{e}");
+    // Regression (found by a fresh session): an exit on the deepest layer,
+    // or on a set no logistic candidate reads, was refused only after every
+    // head was fitted, and nothing was written.
+    let e = run(&["--layers", "8,12", "--early-exit", "12"], &train_f);
+    assert!(e.contains("below the deepest (12)"), "{e}");
+    let e = run(&["--layers", "8,12,16", "--early-exit", "8,16"], &train_f);
+    assert!(e.contains("the shallowest few"), "{e}");
     // Regression: benign-only training data wrote a detector.
     let benign: String = std::fs::read_to_string(&train_f)
         .unwrap()

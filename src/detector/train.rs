@@ -315,6 +315,13 @@ pub fn progress_bar(len: u64, label: &str) -> indicatif::ProgressBar {
     bar
 }
 
+/// Whether a head reading `layers` can host an early exit on `exit`: it
+/// reads every exit layer, and its deepest layer is below none of them.
+fn hosts_exit(exit: &[u32], layers: &[u32]) -> bool {
+    let deepest = layers.iter().max().copied().unwrap_or(0);
+    !exit.is_empty() && exit.iter().all(|l| layers.contains(l) && *l < deepest)
+}
+
 /// The candidate to ship: among those within `f1_tolerance` of the best dev
 /// F1, the one whose deepest layer is shallowest (the forward pass stops
 /// there, so it is the cheapest to serve); ties go to the higher dev F1, then
@@ -716,6 +723,19 @@ pub fn run(args: &crate::config::TrainArgs) -> anyhow::Result<PathBuf> {
             "--early-exit {exit:?} names a layer that is not among the extracted --layers {:?}",
             spec.layers
         );
+        // Checked now, not after every head is fitted: the exit head is a
+        // logistic candidate (one layer, or the shallowest few) and must
+        // stop below the deepest layer of the head it serves.
+        let mut want = exit.clone();
+        want.sort_unstable();
+        want.dedup();
+        let deepest = spec.layers.iter().max().copied().unwrap_or(0);
+        anyhow::ensure!(
+            (want.len() == 1 || spec.layers.starts_with(&want))
+                && want.iter().all(|&l| l < deepest),
+            "--early-exit {want:?}: the exit head reads one of --layers {:?} or the shallowest few of them, below the deepest ({deepest})",
+            spec.layers
+        );
     }
     let n_embd = usize::try_from(scorer.model_handle().n_embd()).unwrap_or(0);
     let dim = spec.layers.len() * 2 * n_embd;
@@ -881,6 +901,15 @@ pub fn run(args: &crate::config::TrainArgs) -> anyhow::Result<PathBuf> {
                 .collect()
         }
         None => Vec::new(),
+    };
+    // With an early exit, only heads that read its layers and go deeper can
+    // host it.
+    let fitted: Vec<(Candidate, LogisticHead)> = match &args.early_exit {
+        Some(want) => fitted
+            .into_iter()
+            .filter(|(c, _)| hosts_exit(want, &c.layers))
+            .collect(),
+        None => fitted,
     };
     let (chosen, head) =
         choose(fitted, args.f1_tolerance).context("no candidate reached a threshold on dev")?;
