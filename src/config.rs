@@ -258,7 +258,7 @@ pub struct TrainArgs {
 /// How `promptgate train` builds a detector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum TrainMethod {
-    /// A logistic head on frozen hidden states.
+    /// A head on frozen hidden states: logistic, or with one hidden layer (`--hidden`).
     Head,
     /// Supervised fine-tuning of the model (llama.cpp's training API).
     Sft,
@@ -311,7 +311,9 @@ pub struct ModelArgs {
     #[arg(long, env = "PROMPTGATE_WINDOW_OVERLAP", default_value_t = 64)]
     pub window_overlap: usize,
     /// Longest prompt accepted, in tokens; longer ones get `input_too_long`.
-    #[arg(long, env = "PROMPTGATE_MAX_PROMPT_TOKENS", default_value_t = 32_768)]
+    /// At least 64: the warm-up canaries a model must pass are up to 17 tokens.
+    #[arg(long, env = "PROMPTGATE_MAX_PROMPT_TOKENS", default_value_t = 32_768,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(64..))]
     pub max_prompt_tokens: usize,
     /// Score every window with the detector's full head, never with its
     /// early-exit head (slower; see docs/detector.md).

@@ -416,20 +416,33 @@ fn a_prompt_of_three_windows_reports_three_windows() {
 
 #[test]
 fn prompt_over_the_token_cap_is_refused_and_the_connection_keeps_working() {
-    let d = Daemon::start(&["--max-prompt-tokens", "50"]);
+    // Regression (found by a fresh session): a cap below the warm-up
+    // canaries' length stopped every model from loading, with a message
+    // about a 13-token prompt. Caps under 64 are refused as arguments.
+    let out = std::process::Command::new(common::bin())
+        .args(["classify", "--max-prompt-tokens", "8", "hi"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not in 64.."),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d = Daemon::start(&["--max-prompt-tokens", "64"]);
     let mut c = d.connect();
     let v = c.ask(&json!({"id": "long", "text": sentences(20)}).to_string());
     assert_eq!(err_type(&v), "input_too_long", "{v}");
     assert_eq!(v["id"], "long");
     assert!(
-        v["error"]["message"].as_str().unwrap().contains("50"),
+        v["error"]["message"].as_str().unwrap().contains("64"),
         "names the limit: {v}"
     );
-    // At most 50 tokens is fine.
+    // At most 64 tokens is fine.
     let v = c.ask(&json!({"id": "short", "text": sentences(2)}).to_string());
     assert_eq!(v["id"], "short");
     assert_verdict(&v);
-    assert!(v["tokens"].as_u64().unwrap() <= 50, "{v}");
+    assert!(v["tokens"].as_u64().unwrap() <= 64, "{v}");
     let s = c.ask(r#"{"cmd":"stats"}"#);
     assert_eq!(s["errors"]["input_too_long"], 1, "{s}");
 }
