@@ -316,7 +316,7 @@ pub fn progress_bar(len: u64, label: &str) -> indicatif::ProgressBar {
 }
 
 /// Whether a head reading `layers` can host an early exit on `exit`: it
-/// reads every exit layer, and its deepest layer is below none of them.
+/// reads every exit layer and goes deeper than all of them.
 fn hosts_exit(exit: &[u32], layers: &[u32]) -> bool {
     let deepest = layers.iter().max().copied().unwrap_or(0);
     !exit.is_empty() && exit.iter().all(|l| layers.contains(l) && *l < deepest)
