@@ -76,9 +76,16 @@ fn train(dir: &Path, train: &Path, dev: &Path, out: &str) -> PathBuf {
         .args(["--threads", &common::threads()])
         .arg("--cache-dir")
         .arg(dir.join("cache"))
-        .status()
+        .output()
         .unwrap();
-    assert!(status.success());
+    let stderr = String::from_utf8_lossy(&status.stderr);
+    assert!(status.status.success(), "{stderr}");
+    // Regression (found by a fresh session): a threshold chosen on a few dev
+    // rows was written without a word.
+    assert!(
+        stderr.contains("is thin") && stderr.contains("fewer than 100"),
+        "{stderr}"
+    );
     dir.join(format!("{out}.detector.json"))
 }
 
@@ -253,6 +260,9 @@ fn train_refuses_bad_settings_and_one_label_data_at_once() {
     // Regression: --l2 NaN hung forever in the AUROC loop.
     assert!(run(&["--l2", "NaN"], &train_f).contains("--l2"));
     assert!(run(&["--l2=-1"], &train_f).contains("--l2"));
+    // Regression (review): --hidden-l2 lacked the guard --l2 has.
+    assert!(run(&["--hidden-l2", "NaN"], &train_f).contains("--hidden-l2"));
+    assert!(run(&["--hidden-l2=-0.5"], &train_f).contains("--hidden-l2"));
     assert!(run(&["--max-fpr", "2"], &train_f).contains("--max-fpr"));
     // An early-exit layer that is not extracted is refused before any work.
     let e = run(&["--layers", "12", "--early-exit", "6"], &train_f);

@@ -315,6 +315,44 @@ pub fn progress_bar(len: u64, label: &str) -> indicatif::ProgressBar {
     bar
 }
 
+/// Dev rows of each label below which a threshold is called thin: with 100
+/// benign rows one false positive moves the FPR by a whole point.
+pub const THIN_DEV_ROWS: usize = 100;
+
+/// Why the threshold chosen on `scored` should not be trusted on new data, or
+/// `None`: fewer than [`THIN_DEV_ROWS`] scored dev rows of a label (the
+/// message gives the binomial standard error of the FPR and recall at the
+/// threshold), or a threshold within 0.01 of 0 or 1, where nearly every score
+/// lies on one side of it.
+pub fn thin_threshold(scored: &[Scored], threshold: f64) -> Option<String> {
+    let c = Confusion::at(scored, threshold);
+    let (n_mal, n_ben) = (c.tp + c.r#fn, c.fp + c.tn);
+    let se = |p: f64, n: u64| (p * (1.0 - p) / (n.max(1) as f64)).sqrt();
+    let mut why = Vec::new();
+    if (n_mal as usize) < THIN_DEV_ROWS || (n_ben as usize) < THIN_DEV_ROWS {
+        let fpr = c.fp as f64 / n_ben.max(1) as f64;
+        let recall = c.tp as f64 / n_mal.max(1) as f64;
+        why.push(format!(
+            "it was chosen on {n_mal} malicious and {n_ben} benign dev rows (fewer than {THIN_DEV_ROWS} of a label): dev FPR {:.1} % ± {:.1} and recall {:.3} ± {:.3} (one standard error)",
+            100.0 * fpr,
+            100.0 * se(fpr, n_ben),
+            recall,
+            se(recall, n_mal)
+        ));
+    }
+    if !(0.01..=0.99).contains(&threshold) {
+        why.push(format!(
+            "it lies at {threshold:.4}, where nearly every dev score is on one side"
+        ));
+    }
+    (!why.is_empty()).then(|| {
+        format!(
+            "threshold {threshold:.4} is thin: {}; use a larger --dev (or --dev-limit) before serving it",
+            why.join("; and ")
+        )
+    })
+}
+
 /// Whether a head reading `layers` can host an early exit on `exit`: it
 /// reads every exit layer and goes deeper than all of them.
 fn hosts_exit(exit: &[u32], layers: &[u32]) -> bool {
@@ -523,10 +561,9 @@ fn fit_early_exit(
     let mut layers = want.to_vec();
     layers.sort_unstable();
     layers.dedup();
-    let deepest = chosen.layers.iter().max().copied().unwrap_or(0);
     anyhow::ensure!(
-        !layers.is_empty() && layers.iter().all(|l| chosen.layers.contains(l) && *l < deepest),
-        "--early-exit {layers:?}: the chosen head reads layers {:?}; the early-exit layers must be some of them, below the deepest ({deepest})",
+        hosts_exit(&layers, &chosen.layers),
+        "--early-exit {layers:?}: the chosen head reads layers {:?}; the early-exit layers must be some of them, below the deepest",
         chosen.layers
     );
     for (flag, v) in [
@@ -643,6 +680,11 @@ pub fn run(args: &crate::config::TrainArgs) -> anyhow::Result<PathBuf> {
         args.l2.iter().all(|l| l.is_finite() && *l >= 0.0),
         "--l2 values must be finite and >= 0, got {:?}",
         args.l2
+    );
+    anyhow::ensure!(
+        args.hidden_l2.iter().all(|l| l.is_finite() && *l >= 0.0),
+        "--hidden-l2 values must be finite and >= 0, got {:?}",
+        args.hidden_l2
     );
     anyhow::ensure!(
         (0.0..=1.0).contains(&args.max_fpr),
@@ -941,6 +983,9 @@ pub fn run(args: &crate::config::TrainArgs) -> anyhow::Result<PathBuf> {
             args,
         )?,
     };
+    if let Some(why) = thin_threshold(&scored, threshold) {
+        tracing::warn!("{why}");
+    }
     let mut dev_metrics = figures(&scored, threshold);
     dev_metrics["rows"] = scored.len().into();
     dev_metrics["threshold"] = threshold.into();
@@ -1013,6 +1058,35 @@ pub fn run(args: &crate::config::TrainArgs) -> anyhow::Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_threshold_from_few_dev_rows_or_at_an_end_is_thin() {
+        // n rows of each label: malicious at 0.9, benign at 0.1 except `fp`
+        // of them at 0.6.
+        let rows = |n: usize, fp: usize| -> Vec<Scored> {
+            (0..n)
+                .flat_map(|i| {
+                    [
+                        Scored {
+                            malicious: true,
+                            score: Some(0.9),
+                        },
+                        Scored {
+                            malicious: false,
+                            score: Some(if i < fp { 0.6 } else { 0.1 }),
+                        },
+                    ]
+                })
+                .collect()
+        };
+        assert_eq!(thin_threshold(&rows(100, 5), 0.55), None);
+        let why = thin_threshold(&rows(30, 5), 0.55).unwrap();
+        assert!(why.contains("30 malicious and 30 benign"), "{why}");
+        // 5 of 30 benign rows score 0.6 >= 0.55: FPR 16.7 %, SE 6.8 points.
+        assert!(why.contains("FPR 16.7 % ± 6.8"), "{why}");
+        let why = thin_threshold(&rows(100, 5), 0.995).unwrap();
+        assert!(why.contains("at 0.9950") && !why.contains("fewer"), "{why}");
+    }
 
     fn row(source: &str, label: &str, i: usize) -> Row {
         Row {
