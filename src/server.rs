@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -404,8 +405,15 @@ async fn handle_connection(
     let writer_shared = shared.clone();
     let writer_written = written.clone();
     let writer_task = async move {
+        let fd = writer.as_ref().as_raw_fd();
         while let Some((pending, permit)) = rx.recv().await {
-            let bytes = resolve(pending, &writer_shared).await;
+            let Some(bytes) = resolve(pending, &writer_shared, fd).await else {
+                // The client closed its socket: nobody will read the answers.
+                // Dropping the queue drops every reply channel, so queued jobs
+                // are skipped and a running one stops at its next window.
+                tracing::debug!("client hung up with requests in flight; abandoning them");
+                return Ok(());
+            };
             writer.write_all(&bytes).await?;
             drop(permit);
             writer_written.notify_one();
@@ -669,10 +677,33 @@ fn error_pending(shared: &Shared, id: Value, err: RequestError) -> Pending {
     )))
 }
 
-async fn resolve(pending: Pending, shared: &Shared) -> Vec<u8> {
-    let (id, threshold, normalized, received, rx) = match pending {
-        Pending::Ready(bytes) => return bytes,
-        Pending::Later(fut) => return fut.await,
+/// How often a connection waiting for a score checks whether its client hung up.
+const HANGUP_POLL: Duration = Duration::from_millis(100);
+
+/// Whether the peer of the Unix stream socket `fd` has closed it entirely.
+///
+/// Linux reports `POLLHUP` on a stream socket once both directions are shut:
+/// when the peer calls `close` (or exits), not when it only shuts its write
+/// side (`nc -N`, `shutdown(SHUT_WR)`), which still wants its answers.
+fn peer_hung_up(fd: std::os::fd::RawFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, zero timeout; `fd` is owned by the caller's
+    // socket for the duration of the call.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    n > 0 && pfd.revents & (libc::POLLHUP | libc::POLLERR) != 0
+}
+
+/// The answer line for `pending`, or `None` when the client hung up while its
+/// request was being scored (see [`peer_hung_up`]); dropping the reply channel
+/// then stops the job before its next window.
+async fn resolve(pending: Pending, shared: &Shared, fd: std::os::fd::RawFd) -> Option<Vec<u8>> {
+    let (id, threshold, normalized, received, mut rx) = match pending {
+        Pending::Ready(bytes) => return Some(bytes),
+        Pending::Later(fut) => return Some(fut.await),
         Pending::Scoring {
             id,
             threshold,
@@ -682,14 +713,27 @@ async fn resolve(pending: Pending, shared: &Shared) -> Vec<u8> {
         } => (id, threshold, normalized, received, rx),
     };
     let deadline = received + shared.config.request_timeout;
-    let result = match tokio::time::timeout_at(deadline.into(), rx).await {
+    let waited = loop {
+        tokio::select! {
+            r = &mut rx => break Ok(r),
+            () = tokio::time::sleep_until(deadline.into()) => break Err(()),
+            () = tokio::time::sleep(HANGUP_POLL) => {
+                if peer_hung_up(fd) {
+                    return None;
+                }
+            }
+        }
+    };
+    // Dropping the receiver makes the worker skip the job if it is still queued,
+    // or stop it at its next window.
+    drop(rx);
+    let result = match waited {
         Ok(Ok(result)) => result,
         Ok(Err(_)) => Err(RequestError::new(
             ErrorType::Internal,
             "the inference worker dropped the request",
         )),
-        // Dropping the receiver makes the worker skip the job if it is still queued.
-        Err(_) => Err(RequestError::new(
+        Err(()) => Err(RequestError::new(
             ErrorType::Timeout,
             format!(
                 "not scored within {:.1} s (--request-timeout)",
@@ -697,7 +741,7 @@ async fn resolve(pending: Pending, shared: &Shared) -> Vec<u8> {
             ),
         )),
     };
-    match result {
+    Some(match result {
         Err(err) => {
             shared.stats.record_error(err.kind);
             encode_line(&with_policy(shared, ErrorResponse::new(id, err)))
@@ -725,5 +769,5 @@ async fn resolve(pending: Pending, shared: &Shared) -> Vec<u8> {
                 explained: crate::engine::reason::explained(scored.reason.as_ref()),
             })
         }
-    }
+    })
 }

@@ -2,6 +2,7 @@
 //! `Scorer` trait: framing, ordering, errors, overload, drain. The real model
 //! is exercised in `daemon.rs`.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use promptgate::engine::{Engine, EngineError, Score, Scorer};
@@ -11,6 +12,9 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::sync::oneshot;
+
+/// Windows scored by "windows:N" requests (one test uses them).
+static WINDOWS_DONE: AtomicUsize = AtomicUsize::new(0);
 
 /// Scores 0.9 for texts containing "ignore", else 0.1; "sleep:N" sleeps N ms.
 struct Fake {
@@ -23,6 +27,34 @@ impl Scorer for Fake {
     }
     fn default_threshold(&self) -> f64 {
         0.5
+    }
+    /// "windows:N" takes N windows of 20 ms each, counted in `WINDOWS_DONE`,
+    /// and stops between them once nobody waits for the answer.
+    fn score_unless(
+        &mut self,
+        text: &str,
+        abandoned: &dyn Fn() -> bool,
+    ) -> Result<Score, EngineError> {
+        let Some(n) = text.strip_prefix("windows:") else {
+            return self.score(text);
+        };
+        let n: usize = n.trim().parse().unwrap_or(1);
+        for i in 0..n {
+            if i > 0 && abandoned() {
+                return Err(EngineError::Cancelled {
+                    windows_done: i,
+                    windows: n,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            WINDOWS_DONE.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(Score {
+            p_malicious: 0.1,
+            tokens: n,
+            windows: n,
+            early_exit_windows: 0,
+        })
     }
     fn score(&mut self, text: &str) -> Result<Score, EngineError> {
         if let Some(n) = text.strip_prefix("sleep:") {
@@ -177,6 +209,39 @@ async fn regression_invisible_only_text_got_a_verdict() {
     // Visible text around them is still scored.
     let v = c.ask(r#"{"id":"ok","text":"hi\u200bthere"}"#).await;
     assert_eq!(v["label"], "benign", "{v}");
+    assert!(d.stop().await);
+}
+
+#[tokio::test]
+async fn regression_client_that_hung_up_kept_its_job_running() {
+    // A client that closed its socket while a long prompt was scored used to
+    // hold the inference thread until --request-timeout; nobody could read
+    // the answer. Now the job stops at its next window.
+    let d = Daemon::start(16, ServerConfig::default()).await;
+    let mut c = d.connect().await;
+    c.send(br#"{"id":1,"text":"windows:400"}"#).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(WINDOWS_DONE.load(Ordering::SeqCst) > 0, "the job started");
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let stopped = WINDOWS_DONE.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        WINDOWS_DONE.load(Ordering::SeqCst),
+        stopped,
+        "the job went on after its client hung up"
+    );
+    assert!(stopped < 100, "{stopped} of 400 windows ran");
+    // The worker is free for the next client.
+    let mut c = d.connect().await;
+    assert_eq!(c.ask("hello").await["label"], "benign");
+
+    // A client that only shuts its write side (nc -N) still gets its answer.
+    let mut c = d.connect().await;
+    c.send(br#"{"id":2,"text":"windows:30"}"#).await;
+    c.w.shutdown().await.unwrap();
+    let v = c.recv().await;
+    assert_eq!((&v["id"], &v["windows"]), (&json!(2), &json!(30)), "{v}");
     assert!(d.stop().await);
 }
 
