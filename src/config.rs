@@ -130,6 +130,16 @@ pub struct TrainArgs {
     /// Candidate layers (il, from 0), all extracted in one pass; the head is fitted on each.
     #[arg(long, env = "PROMPTGATE_TRAIN_LAYERS", value_delimiter = ',')]
     pub layers: Option<Vec<u32>>,
+    /// Poolings extracted from each candidate layer: `last` (the verdict
+    /// position), `mean` and `max` (element-wise, over the prompt's tokens).
+    /// Candidates take each alone, `last` with each other, and all together.
+    #[arg(
+        long,
+        env = "PROMPTGATE_TRAIN_POOLINGS",
+        value_delimiter = ',',
+        default_value = "last,mean"
+    )]
+    pub poolings: Vec<crate::engine::llama::Pooling>,
     /// Prompt tokens per window.
     #[arg(long, env = "PROMPTGATE_TRAIN_WINDOW_TOKENS", default_value_t = 256)]
     pub window_tokens: usize,

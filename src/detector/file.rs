@@ -242,9 +242,8 @@ impl DetectorFile {
                 spec.layers
             )));
         }
-        let mut pooling = spec.pooling.clone();
-        pooling.dedup();
-        if pooling.len() != spec.pooling.len() {
+        let twice = (1..spec.pooling.len()).any(|i| spec.pooling[..i].contains(&spec.pooling[i]));
+        if twice {
             return Err(invalid(format!(
                 "features name a pooling twice: {:?}",
                 spec.pooling

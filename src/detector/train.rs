@@ -479,27 +479,54 @@ fn is_zero(n: &usize) -> bool {
     *n == 0
 }
 
+/// The columns of `layers` x `pooling` from one cached row, which holds, per
+/// extracted layer (`all.layers`, sorted), each of `all.pooling` in order.
 fn columns(
     x: &[f32],
     n_embd: usize,
-    all_layers: &[u32],
+    all: &FeatureSpec,
     layers: &[u32],
     pooling: &[Pooling],
 ) -> Vec<f32> {
-    // The cache holds, per candidate layer (sorted), [last, mean].
     let mut out = Vec::with_capacity(layers.len() * pooling.len() * n_embd);
+    let per_layer = all.pooling.len();
     for l in layers {
-        let li = all_layers
+        let li = all
+            .layers
             .iter()
             .position(|a| a == l)
             .expect("candidate layer");
         for p in pooling {
-            let pi = match p {
-                Pooling::Last => 0,
-                Pooling::Mean => 1,
-            };
-            let start = (li * 2 + pi) * n_embd;
+            let pi = all
+                .pooling
+                .iter()
+                .position(|a| a == p)
+                .expect("extracted pooling");
+            let start = (li * per_layer + pi) * n_embd;
             out.extend_from_slice(&x[start..start + n_embd]);
+        }
+    }
+    out
+}
+
+/// Every pooling, in the canonical order of the feature cache's rows.
+const ALL_POOLINGS: [Pooling; 3] = [Pooling::Last, Pooling::Mean, Pooling::Max];
+
+/// The pooling sets fitted as candidates from the extracted `all` (in the
+/// canonical order last, mean, max): each alone, `last` with each other, and
+/// all together, without repeats.
+fn pooling_sets(all: &[Pooling]) -> Vec<Vec<Pooling>> {
+    let mut sets: Vec<Vec<Pooling>> = all.iter().map(|&p| vec![p]).collect();
+    if all.contains(&Pooling::Last) {
+        for &p in all.iter().filter(|&&p| p != Pooling::Last) {
+            sets.push(vec![Pooling::Last, p]);
+        }
+    }
+    sets.push(all.to_vec());
+    let mut out: Vec<Vec<Pooling>> = Vec::new();
+    for s in sets {
+        if !out.contains(&s) {
+            out.push(s);
         }
     }
     out
@@ -538,7 +565,7 @@ struct ExitData<'a> {
     dev_x: &'a [Vec<f32>],
     dev: &'a [Row],
     n_embd: usize,
-    all_layers: &'a [u32],
+    all: &'a FeatureSpec,
 }
 
 /// Fits the early-exit head on `want` (the chosen head's pooling, each
@@ -578,7 +605,7 @@ fn fit_early_exit(
     let dx: Vec<Vec<f32>> = d
         .dev_x
         .iter()
-        .map(|x| columns(x, d.n_embd, d.all_layers, &layers, &chosen.pooling))
+        .map(|x| columns(x, d.n_embd, d.all, &layers, &chosen.pooling))
         .collect();
     let mut best: Option<(f64, f64, LogisticHead)> = None;
     for &l2 in &args.l2 {
@@ -591,7 +618,7 @@ fn fit_early_exit(
                 let tx: Vec<Vec<f32>> = d
                     .train_x
                     .iter()
-                    .map(|x| columns(x, d.n_embd, d.all_layers, &layers, &chosen.pooling))
+                    .map(|x| columns(x, d.n_embd, d.all, &layers, &chosen.pooling))
                     .collect();
                 fit_logistic(
                     &tx,
@@ -741,9 +768,17 @@ pub fn run(args: &crate::config::TrainArgs) -> anyhow::Result<PathBuf> {
     };
     probe_layers.sort_unstable();
     probe_layers.dedup();
+    // Candidates' poolings in canonical order (last, mean, max), each once.
+    // Every pooling is extracted whatever the candidates use (one forward
+    // pass gives all three), so the cache serves any --poolings.
+    let poolings: Vec<Pooling> = ALL_POOLINGS
+        .into_iter()
+        .filter(|p| args.poolings.contains(p))
+        .collect();
+    anyhow::ensure!(!poolings.is_empty(), "--poolings names no pooling");
     let mut spec = FeatureSpec {
         layers: probe_layers,
-        pooling: vec![Pooling::Last, Pooling::Mean],
+        pooling: ALL_POOLINGS.to_vec(),
         window_tokens: args.window_tokens,
     };
     let mut scorer = LlamaScorer::load_features(&args.base, config.clone(), spec.clone())?;
@@ -780,12 +815,13 @@ pub fn run(args: &crate::config::TrainArgs) -> anyhow::Result<PathBuf> {
         );
     }
     let n_embd = usize::try_from(scorer.model_handle().n_embd()).unwrap_or(0);
-    let dim = spec.layers.len() * 2 * n_embd;
+    let dim = spec.layers.len() * spec.pooling.len() * n_embd;
     let key_src = serde_json::json!({
         "version": FEATURE_VERSION,
         "model_sha256": scorer.model_sha256(),
         "template_sha256": scorer.template_sha256(),
         "layers": spec.layers,
+        "pooling": spec.pooling,
         "window_tokens": spec.window_tokens,
         "window_overlap": config.window_overlap,
     });
@@ -826,12 +862,7 @@ pub fn run(args: &crate::config::TrainArgs) -> anyhow::Result<PathBuf> {
     let weights = balance_weights(&train);
     let y: Vec<bool> = train.iter().map(|r| r.label == "malicious").collect();
 
-    let mut pools: Vec<Vec<Pooling>> = vec![
-        vec![Pooling::Last],
-        vec![Pooling::Mean],
-        vec![Pooling::Last, Pooling::Mean],
-    ];
-    pools.dedup();
+    let pools = pooling_sets(&poolings);
     let mut candidates = Vec::new();
     let mut fitted: Vec<(Candidate, LogisticHead)> = Vec::new();
     // Each candidate layer alone, then the shallowest two, three, ... all of
@@ -841,7 +872,8 @@ pub fn run(args: &crate::config::TrainArgs) -> anyhow::Result<PathBuf> {
     for n in 2..=spec.layers.len() {
         layer_sets.push(spec.layers[..n].to_vec());
     }
-    // The hidden-layer heads read every candidate layer with both poolings.
+    // The hidden-layer heads read every candidate layer with last+mean (when
+    // among --poolings) and with all of --poolings.
     let mut plan: Vec<(Vec<u32>, Vec<Pooling>, usize)> = Vec::new();
     for layers in &layer_sets {
         for pooling in &pools {
@@ -849,21 +881,26 @@ pub fn run(args: &crate::config::TrainArgs) -> anyhow::Result<PathBuf> {
         }
     }
     if args.hidden > 0 {
-        plan.push((
-            spec.layers.clone(),
-            vec![Pooling::Last, Pooling::Mean],
-            args.hidden,
-        ));
+        let mut hidden_pools = Vec::new();
+        if poolings.starts_with(&[Pooling::Last, Pooling::Mean]) {
+            hidden_pools.push(vec![Pooling::Last, Pooling::Mean]);
+        }
+        if !hidden_pools.contains(&poolings) {
+            hidden_pools.push(poolings.clone());
+        }
+        for pooling in hidden_pools {
+            plan.push((spec.layers.clone(), pooling, args.hidden));
+        }
     }
     for (layers, pooling, hidden) in &plan {
         let hidden = *hidden;
         let tx: Vec<Vec<f32>> = train_x
             .iter()
-            .map(|x| columns(x, n_embd, &spec.layers, layers, pooling))
+            .map(|x| columns(x, n_embd, &spec, layers, pooling))
             .collect();
         let dx: Vec<Vec<f32>> = dev_x
             .iter()
-            .map(|x| columns(x, n_embd, &spec.layers, layers, pooling))
+            .map(|x| columns(x, n_embd, &spec, layers, pooling))
             .collect();
         let penalties = if hidden > 0 {
             &args.hidden_l2
@@ -960,7 +997,7 @@ pub fn run(args: &crate::config::TrainArgs) -> anyhow::Result<PathBuf> {
     // Dev report of the chosen head, per source.
     let chosen_dx: Vec<Vec<f32>> = dev_x
         .iter()
-        .map(|x| columns(x, n_embd, &spec.layers, &chosen.layers, &chosen.pooling))
+        .map(|x| columns(x, n_embd, &spec, &chosen.layers, &chosen.pooling))
         .collect();
     let scored = score_rows(&head, &chosen_dx, &dev);
     let early_exit = match &args.early_exit {
@@ -978,7 +1015,7 @@ pub fn run(args: &crate::config::TrainArgs) -> anyhow::Result<PathBuf> {
                 dev_x: &dev_x,
                 dev: &dev,
                 n_embd,
-                all_layers: &spec.layers,
+                all: &spec,
             },
             args,
         )?,
@@ -1058,6 +1095,47 @@ pub fn run(args: &crate::config::TrainArgs) -> anyhow::Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pooling_candidates_and_their_columns() {
+        use Pooling::{Last, Max, Mean};
+        // Without max: the three sets fitted before max pooling existed.
+        assert_eq!(
+            pooling_sets(&[Last, Mean]),
+            vec![vec![Last], vec![Mean], vec![Last, Mean]]
+        );
+        assert_eq!(
+            pooling_sets(&ALL_POOLINGS),
+            vec![
+                vec![Last],
+                vec![Mean],
+                vec![Max],
+                vec![Last, Mean],
+                vec![Last, Max],
+                vec![Last, Mean, Max],
+            ]
+        );
+        assert_eq!(pooling_sets(&[Max]), vec![vec![Max]]);
+        assert_eq!(
+            pooling_sets(&[Mean, Max]),
+            vec![vec![Mean], vec![Max], vec![Mean, Max]]
+        );
+        // A cached row of 2 layers x 3 poolings, n_embd 2: value = 10 * block + i.
+        let all = FeatureSpec {
+            layers: vec![8, 12],
+            pooling: ALL_POOLINGS.to_vec(),
+            window_tokens: 256,
+        };
+        let x: Vec<f32> = (0..6)
+            .flat_map(|b| (0..2).map(move |i| (10 * b + i) as f32))
+            .collect();
+        assert_eq!(columns(&x, 2, &all, &[12], &[Max]), vec![50.0, 51.0]);
+        assert_eq!(
+            columns(&x, 2, &all, &[8, 12], &[Last, Max]),
+            vec![0.0, 1.0, 20.0, 21.0, 30.0, 31.0, 50.0, 51.0]
+        );
+        assert_eq!(columns(&x, 2, &all, &[8], &[Mean]), vec![10.0, 11.0]);
+    }
 
     #[test]
     fn a_threshold_from_few_dev_rows_or_at_an_end_is_thin() {

@@ -30,6 +30,8 @@ pub struct LayerRows {
     pub last: Vec<f32>,
     /// Sum of the hidden states of the tokens in `mean_range`, `n_embd` floats.
     pub sum: Vec<f32>,
+    /// Element-wise maximum of the same tokens' states, `n_embd` floats.
+    pub max: Vec<f32>,
     /// How many tokens `sum` holds.
     pub count: usize,
     /// Tokens of this decode seen so far (several ubatches may feed one decode).
@@ -90,6 +92,10 @@ pub fn pooled(rows: &[LayerRows], layers: &[u32], pooling: &[Pooling]) -> Result
                     let n = r.count.max(1) as f32;
                     out.extend(r.sum.iter().map(|v| v / n));
                 }
+                // No token in range (cannot happen for a non-empty window):
+                // zeros, like the mean of nothing.
+                Pooling::Max if r.count == 0 => out.extend(std::iter::repeat_n(0.0, r.sum.len())),
+                Pooling::Max => out.extend_from_slice(&r.max),
             }
         }
     }
@@ -171,6 +177,7 @@ impl Capture {
         for r in &mut self.rows {
             r.last.clear();
             r.sum.clear();
+            r.max.clear();
             r.count = 0;
             r.seen = 0;
         }
@@ -205,13 +212,15 @@ impl Capture {
         let rows = &mut self.rows[idx];
         if rows.sum.len() != n_embd {
             rows.sum = vec![0.0; n_embd];
+            rows.max = vec![f32::NEG_INFINITY; n_embd];
         }
         for tok in 0..n_tokens {
             let global = rows.seen + tok;
             if range.contains(&global) {
                 let row = &data[tok * n_embd..(tok + 1) * n_embd];
-                for (s, v) in rows.sum.iter_mut().zip(row) {
+                for ((s, m), v) in rows.sum.iter_mut().zip(rows.max.iter_mut()).zip(row) {
                     *s += v;
+                    *m = m.max(*v);
                 }
                 rows.count += 1;
             }

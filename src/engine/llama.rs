@@ -65,7 +65,9 @@ impl Default for LlamaConfig {
 }
 
 /// How hidden states are pooled over one window into a feature vector.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Pooling {
     /// The state at the verdict position: the last token of the instruction
@@ -73,6 +75,11 @@ pub enum Pooling {
     Last,
     /// The mean of the states of the prompt's own tokens in the window.
     Mean,
+    /// The element-wise maximum of the states of the prompt's own tokens in
+    /// the window: a few attack tokens after harmless filler keep their
+    /// peaks, where the mean dilutes them (max-over-time pooling, as in
+    /// Collobert et al. 2011 and Kim 2014's CNN text classifiers).
+    Max,
 }
 
 /// Which hidden states make a detector's features.
