@@ -169,7 +169,7 @@ pub struct TrainArgs {
     #[arg(long, env = "PROMPTGATE_TRAIN_F1_TOLERANCE", default_value_t = 0.0)]
     pub f1_tolerance: f64,
     /// Also fit heads with one ReLU hidden layer of this many units (a small
-    /// MLP) on every candidate layer together with last+mean pooling, one per
+    /// MLP) on every candidate layer together with every `--poolings`, one per
     /// `--hidden-l2`; they compete with the logistic heads on dev F1. 0: none.
     #[arg(long, env = "PROMPTGATE_TRAIN_HIDDEN", default_value_t = 0)]
     pub hidden: usize,

@@ -769,16 +769,22 @@ pub fn run(args: &crate::config::TrainArgs) -> anyhow::Result<PathBuf> {
     probe_layers.sort_unstable();
     probe_layers.dedup();
     // Candidates' poolings in canonical order (last, mean, max), each once.
-    // Every pooling is extracted whatever the candidates use (one forward
-    // pass gives all three), so the cache serves any --poolings.
+    // The cache holds last+mean (the layout from before max pooling, so
+    // those caches stay valid) or, once max is asked for, all three; either
+    // serves any subset of its poolings.
     let poolings: Vec<Pooling> = ALL_POOLINGS
         .into_iter()
         .filter(|p| args.poolings.contains(p))
         .collect();
     anyhow::ensure!(!poolings.is_empty(), "--poolings names no pooling");
+    let extracted = if poolings.contains(&Pooling::Max) {
+        ALL_POOLINGS.to_vec()
+    } else {
+        vec![Pooling::Last, Pooling::Mean]
+    };
     let mut spec = FeatureSpec {
         layers: probe_layers,
-        pooling: ALL_POOLINGS.to_vec(),
+        pooling: extracted,
         window_tokens: args.window_tokens,
     };
     let mut scorer = LlamaScorer::load_features(&args.base, config.clone(), spec.clone())?;
@@ -816,15 +822,17 @@ pub fn run(args: &crate::config::TrainArgs) -> anyhow::Result<PathBuf> {
     }
     let n_embd = usize::try_from(scorer.model_handle().n_embd()).unwrap_or(0);
     let dim = spec.layers.len() * spec.pooling.len() * n_embd;
-    let key_src = serde_json::json!({
+    let mut key_src = serde_json::json!({
         "version": FEATURE_VERSION,
         "model_sha256": scorer.model_sha256(),
         "template_sha256": scorer.template_sha256(),
         "layers": spec.layers,
-        "pooling": spec.pooling,
         "window_tokens": spec.window_tokens,
         "window_overlap": config.window_overlap,
     });
+    if spec.pooling.contains(&Pooling::Max) {
+        key_src["pooling"] = serde_json::to_value(&spec.pooling)?;
+    }
     let key = format!(
         "{}-{}",
         &scorer.model_sha256()[..16],
@@ -872,8 +880,7 @@ pub fn run(args: &crate::config::TrainArgs) -> anyhow::Result<PathBuf> {
     for n in 2..=spec.layers.len() {
         layer_sets.push(spec.layers[..n].to_vec());
     }
-    // The hidden-layer heads read every candidate layer with last+mean (when
-    // among --poolings) and with all of --poolings.
+    // The hidden-layer heads read every candidate layer with all of --poolings.
     let mut plan: Vec<(Vec<u32>, Vec<Pooling>, usize)> = Vec::new();
     for layers in &layer_sets {
         for pooling in &pools {
@@ -881,16 +888,7 @@ pub fn run(args: &crate::config::TrainArgs) -> anyhow::Result<PathBuf> {
         }
     }
     if args.hidden > 0 {
-        let mut hidden_pools = Vec::new();
-        if poolings.starts_with(&[Pooling::Last, Pooling::Mean]) {
-            hidden_pools.push(vec![Pooling::Last, Pooling::Mean]);
-        }
-        if !hidden_pools.contains(&poolings) {
-            hidden_pools.push(poolings.clone());
-        }
-        for pooling in hidden_pools {
-            plan.push((spec.layers.clone(), pooling, args.hidden));
-        }
+        plan.push((spec.layers.clone(), poolings.clone(), args.hidden));
     }
     for (layers, pooling, hidden) in &plan {
         let hidden = *hidden;
