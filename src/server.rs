@@ -99,6 +99,8 @@ pub struct Stats {
     malicious: AtomicU64,
     connections_total: AtomicU64,
     connections_open: AtomicU64,
+    /// Requests read but never answered: their client hung up first.
+    abandoned: AtomicU64,
     errors: Mutex<BTreeMap<&'static str, u64>>,
     /// Requests per peer uid.
     by_uid: Mutex<BTreeMap<u32, u64>>,
@@ -114,6 +116,7 @@ impl Stats {
             malicious: AtomicU64::new(0),
             connections_total: AtomicU64::new(0),
             connections_open: AtomicU64::new(0),
+            abandoned: AtomicU64::new(0),
             errors: Mutex::new(BTreeMap::new()),
             by_uid: Mutex::new(BTreeMap::new()),
             latency_us: Mutex::new(
@@ -121,6 +124,10 @@ impl Stats {
                     .expect("static histogram bounds are valid"),
             ),
         }
+    }
+
+    fn record_abandoned(&self, n: u64) {
+        self.abandoned.fetch_add(n, Ordering::Relaxed);
     }
 
     fn record_error(&self, kind: ErrorType) {
@@ -176,6 +183,7 @@ impl Stats {
             "classified": {"benign": benign, "malicious": malicious},
             "errors": errors,
             "errors_total": error_total,
+            "abandoned": self.abandoned.load(Ordering::Relaxed),
             "queue_depth": engine.queue_depth(),
             "queue_capacity": engine.queue_capacity(),
             "connections": {
@@ -411,7 +419,14 @@ async fn handle_connection(
                 // The client closed its socket: nobody will read the answers.
                 // Dropping the queue drops every reply channel, so queued jobs
                 // are skipped and a running one stops at its next window.
-                tracing::debug!("client hung up with requests in flight; abandoning them");
+                drop(permit);
+                rx.close();
+                let mut abandoned = 1;
+                while rx.try_recv().is_ok() {
+                    abandoned += 1;
+                }
+                writer_shared.stats.record_abandoned(abandoned);
+                tracing::info!(abandoned, "client hung up; its requests are abandoned");
                 return Ok(());
             };
             writer.write_all(&bytes).await?;

@@ -16,6 +16,9 @@ use tokio::sync::oneshot;
 /// Windows scored by "windows:N" requests (one test uses them).
 static WINDOWS_DONE: AtomicUsize = AtomicUsize::new(0);
 
+/// Reasons written by the fake's `explain` (one test hangs up before its own).
+static EXPLAINED: AtomicUsize = AtomicUsize::new(0);
+
 /// Scores 0.9 for texts containing "ignore", else 0.1; "sleep:N" sleeps N ms.
 struct Fake {
     model: ModelRef,
@@ -54,6 +57,23 @@ impl Scorer for Fake {
             tokens: n,
             windows: n,
             early_exit_windows: 0,
+        })
+    }
+    /// Takes 300 ms and counts itself in `EXPLAINED`.
+    fn explain(
+        &mut self,
+        _: &str,
+        _: &promptgate::engine::ExplainRequest,
+    ) -> Result<promptgate::engine::reason::Reason, EngineError> {
+        std::thread::sleep(Duration::from_millis(300));
+        EXPLAINED.fetch_add(1, Ordering::SeqCst);
+        Ok(promptgate::engine::reason::Reason {
+            text: Some("Fake reason.".into()),
+            source: promptgate::protocol::ReasonSource::BaseModel,
+            categories: Vec::new(),
+            generated_tokens: 2,
+            ms: 300.0,
+            truncated: false,
         })
     }
     fn score(&mut self, text: &str) -> Result<Score, EngineError> {
@@ -232,9 +252,31 @@ async fn regression_client_that_hung_up_kept_its_job_running() {
         "the job went on after its client hung up"
     );
     assert!(stopped < 100, "{stopped} of 400 windows ran");
-    // The worker is free for the next client.
+    // The worker is free for the next client, and stats count the request
+    // that was never answered.
     let mut c = d.connect().await;
     assert_eq!(c.ask("hello").await["label"], "benign");
+    let stats = c.ask(r#"{"cmd":"stats"}"#).await;
+    assert_eq!(stats["abandoned"], 1, "{stats}");
+
+    // Regression (fresh-session trial): a request scored after its client
+    // hung up still had its reason generated. A reason is written when the
+    // client stays (the fake's explain works)...
+    let mut c = d.connect().await;
+    let v = c.ask(r#"{"id":3,"text":"sleep:10","explain":true}"#).await;
+    assert_eq!(v["reason"], "Fake reason.", "{v}");
+    let written = EXPLAINED.load(Ordering::SeqCst);
+    // ...and not when it hangs up while the request is scored.
+    c.send(br#"{"id":4,"text":"sleep:400","explain":true}"#)
+        .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        EXPLAINED.load(Ordering::SeqCst),
+        written,
+        "a reason was written for nobody"
+    );
 
     // A client that only shuts its write side (nc -N) still gets its answer.
     let mut c = d.connect().await;

@@ -479,6 +479,13 @@ fn worker_loop(scorer: &mut dyn Scorer, rx: &crossbeam_channel::Receiver<Job>) {
             tracing::info!(reason = %e, "job abandoned");
             continue;
         }
+        if job.options.explain.is_some() && job.reply.is_closed() {
+            // Scored, but nobody waits: skip the reason's generation too
+            // (found by a fresh session: a hung-up client's reason still
+            // held the worker for up to --explain-max-ms).
+            tracing::info!("job abandoned after scoring; no reason generated");
+            continue;
+        }
         let infer_ms = ms(started.elapsed());
         let result = outcome
             .map(|score| Scored {
