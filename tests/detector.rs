@@ -45,6 +45,9 @@ fn split(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     );
     let mut t = pick(0);
     t.extend(pick(1));
+    // A row the daemon refuses (nothing left after normalisation), in a
+    // group of its own: train must leave it out, not score it.
+    t.push(r#"{"text":" \u200b ","label":"benign","source":"blank"}"#);
     write_rows(&train, &t);
     write_rows(&dev, &pick(2));
     write_rows(&test, &pick(3));
@@ -82,6 +85,11 @@ fn train(dir: &Path, train: &Path, dev: &Path, out: &str) -> PathBuf {
         .unwrap();
     let stderr = String::from_utf8_lossy(&status.stderr);
     assert!(status.status.success(), "{stderr}");
+    // Regression (fresh-session trial): train scored rows the daemon refuses.
+    assert!(
+        stderr.contains("row refused as the daemon would"),
+        "{stderr}"
+    );
     // Regression (found by a fresh session): a threshold chosen on a few dev
     // rows was written without a word.
     assert!(
@@ -118,6 +126,9 @@ fn train_on_a_subset_beats_chance_on_held_apart_rows_and_serves() {
     assert_eq!(file.base.file, "SmolLM2-135M-Instruct.Q4_1.gguf");
     assert_eq!(file.features.spec.layers, vec![12]);
     assert_eq!(file.training.rows_used, 160);
+    // The thin threshold's warning is kept in the file, not only logged.
+    let warning = file.dev_metrics["threshold_warning"].as_str().unwrap_or("");
+    assert!(warning.contains("95 % interval"), "{:?}", file.dev_metrics);
     assert!(!file.candidates.is_empty());
     // `--hidden 16` adds hidden-layer heads to the logistic candidates, and
     // `--poolings` adds max pooling: alone, with last, and with last+mean.

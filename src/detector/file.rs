@@ -242,10 +242,9 @@ impl DetectorFile {
                 spec.layers
             )));
         }
-        let twice = (1..spec.pooling.len()).any(|i| spec.pooling[..i].contains(&spec.pooling[i]));
-        if twice {
+        if !canonical_pooling(&spec.pooling) {
             return Err(invalid(format!(
-                "features name a pooling twice: {:?}",
+                "features.pooling {:?} must list each of last, mean, max at most once, in that order (the head's weights follow it)",
                 spec.pooling
             )));
         }
@@ -275,6 +274,12 @@ impl DetectorFile {
         if let Some(e) = &file.early_exit {
             let n_embd = dim / (spec.layers.len() * spec.pooling.len());
             let deepest = spec.layers.iter().max().copied().unwrap_or(0);
+            if !canonical_pooling(&e.pooling) {
+                return Err(invalid(format!(
+                    "early_exit.pooling {:?} must list each of last, mean, max at most once, in that order",
+                    e.pooling
+                )));
+            }
             if e.layers.is_empty()
                 || e.pooling.is_empty()
                 || e.layers
@@ -438,6 +443,18 @@ pub fn load_scorer(
     Ok(scorer)
 }
 
+/// Whether `pooling` lists each of last, mean, max at most once, in that
+/// order: the order `train` writes, which the head's weights follow. A
+/// hand-edited order would read the weights against the wrong features.
+fn canonical_pooling(pooling: &[Pooling]) -> bool {
+    let rank = |p: &Pooling| match p {
+        Pooling::Last => 0,
+        Pooling::Mean => 1,
+        Pooling::Max => 2,
+    };
+    pooling.windows(2).all(|w| rank(&w[0]) < rank(&w[1]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -529,6 +546,13 @@ mod tests {
         let mut f = sample(4);
         f.threshold = 1.5;
         assert!(reason(&f).contains("threshold"));
+        // Regression (fresh-session trial): a hand-reordered pooling list
+        // passed validation and read the weights against the wrong features.
+        let mut f = sample(4);
+        f.features.spec.pooling = vec![Pooling::Mean, Pooling::Last];
+        assert!(reason(&f).contains("in that order"), "{}", reason(&f));
+        f.features.spec.pooling = vec![Pooling::Last, Pooling::Last];
+        assert!(reason(&f).contains("at most once"));
         std::fs::write(&p, b"{\"format\": ").unwrap();
         assert!(DetectorFile::read(&p)
             .unwrap_err()

@@ -231,20 +231,35 @@ pub fn extract(
     rows: &[Row],
     label: &str,
 ) -> anyhow::Result<Vec<Option<Vec<f32>>>> {
-    // Normalise and hash each row once.
-    let texts: Vec<(String, [u8; 32])> = rows
+    // Normalise and hash each row once. A row the daemon would refuse (NUL,
+    // or nothing left after normalisation: `invalid_request`, `empty_text`)
+    // is left out, as `eval` leaves it unscored.
+    let texts: Vec<Option<(String, [u8; 32])>> = rows
         .iter()
-        .map(|r| {
-            let text = crate::normalize::normalize(&r.text).text;
-            let h = text_hash(&text);
-            (text, h)
+        .map(|r| match crate::normalize::prepare(&r.text) {
+            Ok(n) => {
+                let h = text_hash(&n.text);
+                Some((n.text, h))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e.message, "row refused as the daemon would; left out");
+                None
+            }
         })
         .collect();
-    let todo = texts.iter().filter(|(_, h)| cache.get(h).is_none()).count();
+    let todo = texts
+        .iter()
+        .flatten()
+        .filter(|(_, h)| cache.get(h).is_none())
+        .count();
     let bar = progress_bar(todo as u64, label);
     let mut out = Vec::with_capacity(rows.len());
     let mut since_flush = 0;
-    for (text, h) in texts {
+    for entry in texts {
+        let Some((text, h)) = entry else {
+            out.push(None);
+            continue;
+        };
         if let Some((_, v)) = cache.get(&h) {
             out.push(Some(v.clone()));
             continue;
@@ -319,38 +334,43 @@ pub fn progress_bar(len: u64, label: &str) -> indicatif::ProgressBar {
 /// benign rows one false positive moves the FPR by a whole point.
 pub const THIN_DEV_ROWS: usize = 100;
 
-/// Why the threshold chosen on `scored` should not be trusted on new data, or
-/// `None`: fewer than [`THIN_DEV_ROWS`] scored dev rows of a label (the
-/// message gives the binomial standard error of the FPR and recall at the
-/// threshold), or a threshold within 0.01 of 0 or 1, where nearly every score
-/// lies on one side of it.
+/// The 95 % Wilson score interval of a proportion `k` of `n`, in [0, 1]
+/// (Wilson 1927; unlike `p ± 1.96·SE` it is not empty at `k = 0` or `k = n`).
+fn wilson(k: u64, n: u64) -> (f64, f64) {
+    if n == 0 {
+        return (0.0, 1.0);
+    }
+    let (z, n) = (1.96_f64, n as f64);
+    let p = k as f64 / n;
+    let centre = (p + z * z / (2.0 * n)) / (1.0 + z * z / n);
+    let half = z * (p * (1.0 - p) / n + z * z / (4.0 * n * n)).sqrt() / (1.0 + z * z / n);
+    ((centre - half).max(0.0), (centre + half).min(1.0))
+}
+
+/// Why the threshold chosen on `scored` should not be trusted on new data,
+/// or `None`: it was chosen on fewer than [`THIN_DEV_ROWS`] scored dev rows
+/// of a label. The message gives the dev FPR and recall at the threshold as
+/// counts, percentages and 95 % Wilson intervals.
 pub fn thin_threshold(scored: &[Scored], threshold: f64) -> Option<String> {
     let c = Confusion::at(scored, threshold);
     let (n_mal, n_ben) = (c.tp + c.r#fn, c.fp + c.tn);
-    let se = |p: f64, n: u64| (p * (1.0 - p) / (n.max(1) as f64)).sqrt();
-    let mut why = Vec::new();
-    if (n_mal as usize) < THIN_DEV_ROWS || (n_ben as usize) < THIN_DEV_ROWS {
-        let fpr = c.fp as f64 / n_ben.max(1) as f64;
-        let recall = c.tp as f64 / n_mal.max(1) as f64;
-        why.push(format!(
-            "it was chosen on {n_mal} malicious and {n_ben} benign dev rows (fewer than {THIN_DEV_ROWS} of a label): dev FPR {:.1} % ± {:.1} and recall {:.3} ± {:.3} (one standard error)",
-            100.0 * fpr,
-            100.0 * se(fpr, n_ben),
-            recall,
-            se(recall, n_mal)
-        ));
+    if n_mal as usize >= THIN_DEV_ROWS && n_ben as usize >= THIN_DEV_ROWS {
+        return None;
     }
-    if !(0.01..=0.99).contains(&threshold) {
-        why.push(format!(
-            "it lies at {threshold:.4}, where nearly every dev score is on one side"
-        ));
-    }
-    (!why.is_empty()).then(|| {
+    let rate = |k: u64, n: u64| {
+        let (lo, hi) = wilson(k, n);
         format!(
-            "threshold {threshold:.4} is thin: {}; use a larger --dev (or --dev-limit) before serving it",
-            why.join("; and ")
+            "{k} of {n} ({:.1} %, 95 % interval {:.1}-{:.1} %)",
+            100.0 * k as f64 / n.max(1) as f64,
+            100.0 * lo,
+            100.0 * hi
         )
-    })
+    };
+    Some(format!(
+        "threshold {threshold:.4} is thin: it was chosen on {n_mal} malicious and {n_ben} benign dev rows (fewer than {THIN_DEV_ROWS} of a label); at it, dev false positives {} and recall {}; give --dev (or --dev-limit) more rows before serving it",
+        rate(c.fp, n_ben),
+        rate(c.tp, n_mal),
+    ))
 }
 
 /// Whether a head reading `layers` can host an early exit on `exit`: it
@@ -1018,10 +1038,14 @@ pub fn run(args: &crate::config::TrainArgs) -> anyhow::Result<PathBuf> {
             args,
         )?,
     };
-    if let Some(why) = thin_threshold(&scored, threshold) {
+    let thin = thin_threshold(&scored, threshold);
+    if let Some(why) = &thin {
         tracing::warn!("{why}");
     }
     let mut dev_metrics = figures(&scored, threshold);
+    if let Some(why) = thin {
+        dev_metrics["threshold_warning"] = why.into();
+    }
     dev_metrics["rows"] = scored.len().into();
     dev_metrics["threshold"] = threshold.into();
     dev_metrics["note"] = "first-window features of the dev rows used for selection; `promptgate eval` scores every window".into();
@@ -1135,8 +1159,17 @@ mod tests {
         assert_eq!(columns(&x, 2, &all, &[8], &[Mean]), vec![10.0, 11.0]);
     }
 
+    fn row(source: &str, label: &str, i: usize) -> Row {
+        Row {
+            text: format!("{source} {label} {i}"),
+            label: label.into(),
+            category: None,
+            source: Some(source.into()),
+        }
+    }
+
     #[test]
-    fn a_threshold_from_few_dev_rows_or_at_an_end_is_thin() {
+    fn a_threshold_from_few_dev_rows_is_thin_with_honest_intervals() {
         // n rows of each label: malicious at 0.9, benign at 0.1 except `fp`
         // of them at 0.6.
         let rows = |n: usize, fp: usize| -> Vec<Scored> {
@@ -1156,21 +1189,26 @@ mod tests {
                 .collect()
         };
         assert_eq!(thin_threshold(&rows(100, 5), 0.55), None);
+        // A threshold near 1 on enough rows is not called thin (the
+        // trial's case: an overconfident head, not a small dev set).
+        assert_eq!(thin_threshold(&rows(100, 5), 0.995), None);
         let why = thin_threshold(&rows(30, 5), 0.55).unwrap();
         assert!(why.contains("30 malicious and 30 benign"), "{why}");
-        // 5 of 30 benign rows score 0.6 >= 0.55: FPR 16.7 %, SE 6.8 points.
-        assert!(why.contains("FPR 16.7 % ± 6.8"), "{why}");
-        let why = thin_threshold(&rows(100, 5), 0.995).unwrap();
-        assert!(why.contains("at 0.9950") && !why.contains("fewer"), "{why}");
-    }
-
-    fn row(source: &str, label: &str, i: usize) -> Row {
-        Row {
-            text: format!("{source} {label} {i}"),
-            label: label.into(),
-            category: None,
-            source: Some(source.into()),
-        }
+        // 5 of 30: Wilson 95 % interval 7.3-33.6 %.
+        assert!(
+            why.contains("5 of 30 (16.7 %, 95 % interval 7.3-33.6 %)"),
+            "{why}"
+        );
+        // Regression (fresh-session trial): 0 of 20 read "0.0 % ± 0.0".
+        let why = thin_threshold(&rows(20, 0), 0.55).unwrap();
+        assert!(
+            why.contains("0 of 20 (0.0 %, 95 % interval 0.0-16.1 %)"),
+            "{why}"
+        );
+        assert!(
+            why.contains("20 of 20 (100.0 %, 95 % interval 83.9-100.0 %)"),
+            "{why}"
+        );
     }
 
     #[test]
