@@ -444,15 +444,11 @@ pub fn load_scorer(
 }
 
 /// Whether `pooling` lists each of last, mean, max at most once, in that
-/// order: the order `train` writes, which the head's weights follow. A
-/// hand-edited order would read the weights against the wrong features.
+/// order ([`Pooling`]'s `Ord`): the order `train` writes, which the head's
+/// weights follow. A hand-edited order would read the weights against the
+/// wrong features.
 fn canonical_pooling(pooling: &[Pooling]) -> bool {
-    let rank = |p: &Pooling| match p {
-        Pooling::Last => 0,
-        Pooling::Mean => 1,
-        Pooling::Max => 2,
-    };
-    pooling.windows(2).all(|w| rank(&w[0]) < rank(&w[1]))
+    pooling.windows(2).all(|w| w[0] < w[1])
 }
 
 #[cfg(test)]

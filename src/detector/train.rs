@@ -529,7 +529,8 @@ fn columns(
     out
 }
 
-/// Every pooling, in the canonical order of the feature cache's rows.
+/// Every pooling, in canonical order ([`Pooling`]'s `Ord`), as a feature
+/// cache with max holds them.
 const ALL_POOLINGS: [Pooling; 3] = [Pooling::Last, Pooling::Mean, Pooling::Max];
 
 /// The pooling sets fitted as candidates from the extracted `all` (in the
@@ -792,10 +793,9 @@ pub fn run(args: &crate::config::TrainArgs) -> anyhow::Result<PathBuf> {
     // The cache holds last+mean (the layout from before max pooling, so
     // those caches stay valid) or, once max is asked for, all three; either
     // serves any subset of its poolings.
-    let poolings: Vec<Pooling> = ALL_POOLINGS
-        .into_iter()
-        .filter(|p| args.poolings.contains(p))
-        .collect();
+    let mut poolings = args.poolings.clone();
+    poolings.sort_unstable();
+    poolings.dedup();
     anyhow::ensure!(!poolings.is_empty(), "--poolings names no pooling");
     let extracted = if poolings.contains(&Pooling::Max) {
         ALL_POOLINGS.to_vec()

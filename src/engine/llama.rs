@@ -65,8 +65,20 @@ impl Default for LlamaConfig {
 }
 
 /// How hidden states are pooled over one window into a feature vector.
+///
+/// The variants' order (last, mean, max; `Ord`) is the canonical order of
+/// poolings in a feature vector, a feature cache row and a detector file.
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Pooling {
