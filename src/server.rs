@@ -213,6 +213,9 @@ struct Shared {
 /// An answer that will be written in its turn.
 enum Pending {
     Ready(Vec<u8>),
+    /// A command run in its turn (`reload`). It is a barrier on its
+    /// connection: the lines after it are read only once it has run, so they
+    /// are scored by the model it leaves serving (see [`Pending::barrier`]).
     Later(futures::future::BoxFuture<'static, Vec<u8>>),
     Scoring {
         id: Value,
@@ -221,6 +224,26 @@ enum Pending {
         received: Instant,
         rx: oneshot::Receiver<JobResult>,
     },
+}
+
+impl Pending {
+    /// For [`Pending::Later`], the same command wrapped to signal when it has
+    /// run, and the receiver the reader waits on before it reads on; other
+    /// answers unchanged, with `None`.
+    fn barrier(self) -> (Pending, Option<oneshot::Receiver<()>>) {
+        match self {
+            Pending::Later(fut) => {
+                let (done, ran) = oneshot::channel();
+                let fut = Box::pin(async move {
+                    let bytes = fut.await;
+                    let _ = done.send(());
+                    bytes
+                });
+                (Pending::Later(fut), Some(ran))
+            }
+            other => (other, None),
+        }
+    }
 }
 
 /// Serves `listener` until `shutdown` completes, then stops accepting,
@@ -557,8 +580,16 @@ async fn handle_connection(
                     handle_frame(frame, shared)
                 }
             };
+            let (pending, barrier) = pending.barrier();
             if tx.send((pending, permit)).is_err() {
                 break; // writer gone: the client closed its side
+            }
+            // A pipelined request behind a `reload` was once scored by the
+            // model the reload replaced: it was submitted when read.
+            if let Some(ran) = barrier {
+                if ran.await.is_err() {
+                    break; // writer gone before the command ran
+                }
             }
         }
     };

@@ -836,3 +836,36 @@ fn five_swaps_under_load_of_eight_connections() {
         (inference_threads(pid) == 1).then_some(())
     });
 }
+
+// ---------------------------------------------------------------- regressions
+
+/// A request pipelined behind `{"cmd":"reload"}` on one connection (both lines
+/// in one write) was scored by the model the reload replaced: it was
+/// submitted when read, before the reload had run. The connection now reads
+/// nothing more until the reload has run.
+#[test]
+fn regression_request_pipelined_after_reload_was_answered_by_old_model() {
+    let d = Daemon::start(&["--watch", "off"]);
+    copy_model(&d.models.join("b.gguf"));
+    let mut c = d.conn();
+    let lines = format!(
+        "{}\n{}\n",
+        json!({"id": "r", "cmd": "reload"}),
+        json!({"id": "after", "text": PROMPT})
+    );
+    c.writer.write_all(lines.as_bytes()).unwrap();
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        let mut s = String::new();
+        c.reader.read_line(&mut s).unwrap();
+        answers.push(serde_json::from_str::<Value>(&s).unwrap());
+    }
+    assert_eq!(answers[0]["outcome"], "swapped", "{}", answers[0]);
+    assert_eq!(answers[0]["model"]["name"], "b.gguf", "{}", answers[0]);
+    assert_eq!(answers[1]["id"], "after", "{}", answers[1]);
+    assert_eq!(
+        answers[1]["model"]["name"], "b.gguf",
+        "the request after the reload: {}",
+        answers[1]
+    );
+}
