@@ -963,8 +963,12 @@ pub fn run(args: &crate::config::TrainArgs) -> anyhow::Result<PathBuf> {
                 fpr: chosen.and_then(|(t, _)| Confusion::at(&scored, t).fpr()),
                 recall_at_1pct_fpr: recall_at_fpr(&scored, 0.01),
             };
+            let at_threshold = match (c.f1, c.fpr) {
+                (Some(f1), Some(fpr)) => format!("F1 {f1:.4} FPR {fpr:.4}"),
+                _ => format!("no threshold with FPR <= {} (--max-fpr)", args.max_fpr),
+            };
             eprintln!(
-                "layers {:<14} {:<10}{} l2 {:<7} dev AUROC {:.4} F1 {:.4} FPR {:.4} R@1%FPR {:.4}",
+                "layers {:<14} {:<10}{} l2 {:<7} dev AUROC {:.4} {at_threshold} R@1%FPR {:.4}",
                 format!("{layers:?}"),
                 pooling
                     .iter()
@@ -978,8 +982,6 @@ pub fn run(args: &crate::config::TrainArgs) -> anyhow::Result<PathBuf> {
                 },
                 l2,
                 c.auroc.unwrap_or(f64::NAN),
-                c.f1.unwrap_or(f64::NAN),
-                c.fpr.unwrap_or(f64::NAN),
                 c.recall_at_1pct_fpr.unwrap_or(f64::NAN),
             );
             candidates.push(c.clone());
