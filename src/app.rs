@@ -388,12 +388,15 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         let finished = crate::server::run_with_registry(
             listener,
             engine,
-            Some(registry),
+            Some(registry.clone()),
             server_config,
             shutdown_signal(),
         )
         .await;
         stop_watch.cancel();
+        // A SIGHUP's scan may still be loading a model on a blocking thread;
+        // exiting under it could crash in llama.cpp's teardown.
+        registry.stop().await;
         finished
     })?;
     drop(bound);

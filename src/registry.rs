@@ -129,6 +129,8 @@ pub struct Registry {
     engine: Mutex<Option<Engine>>,
     state: Mutex<State>,
     scan_lock: tokio::sync::Mutex<()>,
+    /// Set by [`Registry::stop`]: scans that have not started are skipped.
+    stopping: std::sync::atomic::AtomicBool,
     capacity: usize,
 }
 
@@ -243,6 +245,7 @@ impl Registry {
             engine: Mutex::new(None),
             state: Mutex::new(State::default()),
             scan_lock: tokio::sync::Mutex::new(()),
+            stopping: std::sync::atomic::AtomicBool::new(false),
             capacity: queue_capacity,
         });
         match registry.scan_blocking() {
@@ -261,12 +264,28 @@ impl Registry {
 
     /// Re-scans the directory now and switches model if the rule says so.
     /// Scans are serialized; a scan waits for the one in progress.
+    /// After [`Registry::stop`] it scans nothing and answers
+    /// `Failed("the daemon is shutting down")`.
     pub async fn rescan(self: &Arc<Self>) -> Outcome {
         let _guard = self.scan_lock.lock().await;
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return Outcome::Failed("the daemon is shutting down".into());
+        }
         let me = self.clone();
         tokio::task::spawn_blocking(move || me.scan_blocking())
             .await
             .unwrap_or_else(|e| Outcome::Failed(format!("scan task failed: {e}")))
+    }
+
+    /// Stops scanning: waits for a scan in progress (a model load and its
+    /// warm-up cannot be cut short) and skips every later one. The daemon
+    /// calls it before it exits: a process that exited while llama.cpp was
+    /// still loading a model on another thread could crash (SIGSEGV) in
+    /// llama.cpp's teardown.
+    pub async fn stop(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let _wait = self.scan_lock.lock().await;
     }
 
     fn list(&self) -> std::io::Result<Vec<(String, PathBuf, Fingerprint)>> {
