@@ -582,7 +582,10 @@ async fn handle_connection(
             };
             let (pending, barrier) = pending.barrier();
             if tx.send((pending, permit)).is_err() {
-                break; // writer gone: the client closed its side
+                // Writer gone: the client hung up while this line was read
+                // (behind a reload, say). Dropping it skips its job.
+                shared.stats.record_abandoned(1);
+                break;
             }
             // A pipelined request behind a `reload` was once scored by the
             // model the reload replaced: it was submitted when read.
