@@ -590,8 +590,12 @@ async fn handle_connection(
             // A pipelined request behind a `reload` was once scored by the
             // model the reload replaced: it was submitted when read.
             if let Some(ran) = barrier {
-                if ran.await.is_err() {
-                    break; // writer gone before the command ran
+                tokio::select! {
+                    r = ran => if r.is_err() {
+                        break; // writer gone before the command ran
+                    },
+                    // The client hung up: the command goes on without us.
+                    () = tx.closed() => break,
                 }
             }
         }
@@ -752,7 +756,18 @@ fn peer_hung_up(fd: std::os::fd::RawFd) -> bool {
 async fn resolve(pending: Pending, shared: &Shared, fd: std::os::fd::RawFd) -> Option<Vec<u8>> {
     let (id, threshold, normalized, received, mut rx) = match pending {
         Pending::Ready(bytes) => return Some(bytes),
-        Pending::Later(fut) => return Some(fut.await),
+        Pending::Later(mut fut) => loop {
+            tokio::select! {
+                bytes = &mut fut => return Some(bytes),
+                () = tokio::time::sleep(HANGUP_POLL) => {
+                    if peer_hung_up(fd) {
+                        // A reload cannot be cut short; let it finish unowned.
+                        tokio::spawn(fut);
+                        return None;
+                    }
+                }
+            }
+        },
         Pending::Scoring {
             id,
             threshold,

@@ -210,6 +210,57 @@ impl Daemon {
         });
         t0.elapsed()
     }
+
+    /// Sends `sig` to the daemon.
+    fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill(2) on the child's pid, which the harness owns.
+        assert_eq!(unsafe { libc::kill(self.pid() as libc::pid_t, sig) }, 0);
+    }
+
+    /// Waits up to `timeout` for the daemon to exit.
+    fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the daemon did not exit in {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the daemon has begun loading `name`.
+    fn wait_loading(&self, name: &str) {
+        let line = format!("loading model={name}");
+        self.wait_for(Duration::from_secs(30), &line, || {
+            self.log_text().contains(&line).then_some(())
+        });
+    }
+
+    /// Asserts that the daemon exited 0 after it finished loading `name`.
+    fn assert_clean_exit_after_load(&mut self, name: &str) {
+        let status = self.wait_exit(Duration::from_secs(60));
+        assert!(
+            status.success(),
+            "exit status {status}\n{}",
+            self.log_tail()
+        );
+        let log = self.log_text();
+        let loaded = log.find(&format!("model serving model={name}"));
+        let stopped = log.find("stopped");
+        assert!(
+            matches!((loaded, stopped), (Some(l), Some(s)) if l < s),
+            "the daemon stopped before the load it had begun ended\n{}",
+            self.log_tail()
+        );
+    }
 }
 
 impl Drop for Daemon {
@@ -879,33 +930,24 @@ fn regression_sigterm_during_a_sighup_load_crashed() {
     let mut d = Daemon::start(&["--watch", "off"]);
     // Gemma's load and warm-up take longer than the runtime's 1 s shutdown.
     std::fs::copy(common::gemma(), d.models.join("z.gguf")).unwrap();
-    let signal = |sig| {
-        // SAFETY: kill(2) on the child's pid, which the harness owns.
-        assert_eq!(unsafe { libc::kill(d.pid() as libc::pid_t, sig) }, 0);
-    };
-    let log = || std::fs::read_to_string(&d.log).unwrap_or_default();
-    signal(libc::SIGHUP);
-    d.wait_for(
-        Duration::from_secs(30),
-        "the load of z.gguf to begin",
-        || log().contains("loading model=z.gguf").then_some(()),
-    );
-    signal(libc::SIGTERM);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = d.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "the daemon did not exit in 60 s");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let log = log();
-    assert!(status.success(), "exit status {status}\n{}", d.log_tail());
-    let loaded = log.find("model serving model=z.gguf");
-    let stopped = log.find("stopped");
-    assert!(
-        matches!((loaded, stopped), (Some(l), Some(s)) if l < s),
-        "the daemon stopped before the load it had begun ended\n{}",
-        d.log_tail()
-    );
+    d.signal(libc::SIGHUP);
+    d.wait_loading("z.gguf");
+    d.signal(libc::SIGTERM);
+    d.assert_clean_exit_after_load("z.gguf");
+}
+
+/// A client that sent `{"cmd":"reload"}` and closed its socket at once kept
+/// its connection in flight until the load ended, so a SIGTERM meanwhile ran
+/// out a short `--shutdown-grace` and exited 2 although nobody was owed an
+/// answer (found by a fresh session). The load still finishes before the exit.
+#[test]
+fn regression_client_that_hung_up_after_reload_held_the_shutdown() {
+    let mut d = Daemon::start(&["--watch", "off", "--shutdown-grace", "1"]);
+    std::fs::copy(common::gemma(), d.models.join("z.gguf")).unwrap();
+    let mut c = d.conn();
+    c.writer.write_all(b"{\"cmd\":\"reload\"}\n").unwrap();
+    d.wait_loading("z.gguf");
+    drop(c);
+    d.signal(libc::SIGTERM);
+    d.assert_clean_exit_after_load("z.gguf");
 }
