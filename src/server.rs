@@ -751,8 +751,9 @@ fn peer_hung_up(fd: std::os::fd::RawFd) -> bool {
 }
 
 /// The answer line for `pending`, or `None` when the client hung up while its
-/// request was being scored (see [`peer_hung_up`]); dropping the reply channel
-/// then stops the job before its next window.
+/// request was being scored or its `reload` ran (see [`peer_hung_up`]).
+/// Dropping the reply channel stops a scoring job before its next window; a
+/// reload cannot be cut short, so it is left to finish on its own task.
 async fn resolve(pending: Pending, shared: &Shared, fd: std::os::fd::RawFd) -> Option<Vec<u8>> {
     let (id, threshold, normalized, received, mut rx) = match pending {
         Pending::Ready(bytes) => return Some(bytes),
