@@ -750,6 +750,24 @@ fn peer_hung_up(fd: std::os::fd::RawFd) -> bool {
     n > 0 && pfd.revents & (libc::POLLHUP | libc::POLLERR) != 0
 }
 
+/// `fut`'s output, or `None` once the client of socket `fd` has hung up
+/// (checked every [`HANGUP_POLL`]); `fut` is then left unfinished.
+async fn unless_hung_up<F: Future + Unpin>(
+    fut: &mut F,
+    fd: std::os::fd::RawFd,
+) -> Option<F::Output> {
+    loop {
+        tokio::select! {
+            out = &mut *fut => return Some(out),
+            () = tokio::time::sleep(HANGUP_POLL) => {
+                if peer_hung_up(fd) {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
 /// The answer line for `pending`, or `None` when the client hung up while its
 /// request was being scored or its `reload` ran (see [`peer_hung_up`]).
 /// Dropping the reply channel stops a scoring job before its next window; a
@@ -757,18 +775,14 @@ fn peer_hung_up(fd: std::os::fd::RawFd) -> bool {
 async fn resolve(pending: Pending, shared: &Shared, fd: std::os::fd::RawFd) -> Option<Vec<u8>> {
     let (id, threshold, normalized, received, mut rx) = match pending {
         Pending::Ready(bytes) => return Some(bytes),
-        Pending::Later(mut fut) => loop {
-            tokio::select! {
-                bytes = &mut fut => return Some(bytes),
-                () = tokio::time::sleep(HANGUP_POLL) => {
-                    if peer_hung_up(fd) {
-                        // A reload cannot be cut short; let it finish unowned.
-                        tokio::spawn(fut);
-                        return None;
-                    }
-                }
+        Pending::Later(mut fut) => {
+            let bytes = unless_hung_up(&mut fut, fd).await;
+            if bytes.is_none() {
+                // A reload cannot be cut short; let it finish unowned.
+                tokio::spawn(fut);
             }
-        },
+            return bytes;
+        }
         Pending::Scoring {
             id,
             threshold,
@@ -778,16 +792,10 @@ async fn resolve(pending: Pending, shared: &Shared, fd: std::os::fd::RawFd) -> O
         } => (id, threshold, normalized, received, rx),
     };
     let deadline = received + shared.config.request_timeout;
-    let waited = loop {
-        tokio::select! {
-            r = &mut rx => break Ok(r),
-            () = tokio::time::sleep_until(deadline.into()) => break Err(()),
-            () = tokio::time::sleep(HANGUP_POLL) => {
-                if peer_hung_up(fd) {
-                    return None;
-                }
-            }
-        }
+    let waited = match tokio::time::timeout_at(deadline.into(), unless_hung_up(&mut rx, fd)).await {
+        Ok(None) => return None,
+        Ok(Some(r)) => Ok(r),
+        Err(_) => Err(()),
     };
     // Dropping the receiver makes the worker skip the job if it is still queued,
     // or stop it at its next window.
