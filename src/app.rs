@@ -216,6 +216,7 @@ pub fn train(args: &crate::config::TrainArgs) -> anyhow::Result<ExitCode> {
             weight_decay: args.weight_decay,
             epochs: args.epochs,
             max_steps: args.max_steps,
+            max_train_seconds: args.max_train_seconds,
             eval_every: args.eval_every,
             patience: args.patience,
             prompt_tokens: args.prompt_tokens,

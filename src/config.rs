@@ -238,6 +238,11 @@ pub struct TrainArgs {
     /// sft: stop after this many optimizer steps (one 256-token window each; 0: no limit).
     #[arg(long, env = "PROMPTGATE_SFT_MAX_STEPS", default_value_t = 0)]
     pub max_steps: u64,
+    /// sft: stop training after this many seconds of this run's optimizer
+    /// steps (0: no limit); the run then evaluates once more and keeps its
+    /// best step as usual.
+    #[arg(long, env = "PROMPTGATE_SFT_MAX_TRAIN_SECONDS", default_value_t = 0)]
+    pub max_train_seconds: u64,
     /// sft: score the held-apart rows and write a checkpoint every this many steps.
     #[arg(long, env = "PROMPTGATE_SFT_EVAL_EVERY", default_value_t = 50)]
     pub eval_every: u64,

@@ -53,6 +53,7 @@ fn options(dir: &Path, max_steps: u64, resume: bool) -> SftOptions {
         weight_decay: 0.0,
         epochs: 4,
         max_steps,
+        max_train_seconds: 0,
         eval_every: 3,
         patience: 0,
         prompt_tokens: 64,
@@ -122,6 +123,22 @@ fn sft_steps_lower_the_loss_resume_continues_and_the_gguf_serves() {
     // The SFT template is the short one it was trained with, not the zero-shot question.
     let tokens = s.classification_tokens("hi");
     assert!(tokens.len() < 60, "{} template tokens", tokens.len());
+
+    // --max-train-seconds ends a run long before its last window (160
+    // examples, 80 windows, at least seconds a step on a CPU), and the step
+    // it stops on is evaluated, so the kept weights are the best evaluated.
+    let mut t = options(dir.path(), 0, false);
+    t.epochs = 40;
+    t.max_train_seconds = 1;
+    t.work_dir = dir.path().join("work-timed");
+    t.out = dir.path().join("models/timed-sft");
+    let c = sft::run(&t).unwrap();
+    assert!(
+        c.steps >= 1 && c.steps < 40,
+        "{} steps in a 1 s budget",
+        c.steps
+    );
+    assert_eq!(c.holdout_loss.last().map(|h| h.0), Some(c.steps));
 
     // Holding apart most of the rows is refused with the flag's name, not
     // reported as "0 malicious and 0 benign training rows".

@@ -17,20 +17,22 @@
 //! 2. A training context holds one window of [`WINDOW`] tokens
 //!    (`n_ctx = n_batch = n_ubatch`, F32 KV cache, flash attention off):
 //!    one window per optimizer step. Examples (template + prompt + verdict
-//!    position) are packed into windows; a window's later examples attend to
-//!    the earlier ones (the API has no per-example mask), so the class of each
-//!    slot is drawn by an independent coin flip: no order can be learned.
+//!    position) are packed into windows as pairs, one malicious and one
+//!    benign in random order; a window's later examples attend to the earlier
+//!    ones (the API has no per-example mask).
 //! 3. **Loss on the verdict only.** ggml-opt puts a one-hot label on every
 //!    position. The eval callback waits for the logits, then overwrites every
-//!    label row but the verdict rows with that row's own softmax, which makes
-//!    its gradient (softmax − label) zero. ggml's own loss is then
-//!    meaningless; the verdict loss and accuracy are computed here.
+//!    row but the verdict rows: logits with zeros, label with the uniform
+//!    distribution, so its gradient (softmax − label) is zero (see
+//!    [`MaskState`]). ggml's own loss is then meaningless; the verdict loss
+//!    and accuracy are computed here.
 //! 4. Learning rate: linear warm-up then cosine decay, through ggml-opt's
 //!    per-step `get_opt_pars` callback.
 //! 5. A held-apart slice of the training rows (never trained on) is scored
 //!    every `--eval-every` steps by a second, ordinary context on the same
-//!    weights; the best step by its loss is kept, and training stops after
-//!    `--patience` evaluations without improvement.
+//!    weights; the best step by its AUROC is kept, and training stops after
+//!    `--patience` evaluations without improvement or after
+//!    `--max-train-seconds` of steps.
 //! 6. Checkpoints (the F32 weights and a JSON state) are written at every
 //!    evaluation; `--resume` continues from the last one with the same step
 //!    count and data order. AdamW's moments are not part of llama.cpp's API
@@ -155,6 +157,11 @@ pub struct SftOptions {
     pub epochs: u32,
     /// Stop after this many steps (0: no limit).
     pub max_steps: u64,
+    /// Stop after this many seconds of this invocation's optimizer steps (0:
+    /// no limit). The step it stops on is evaluated like an `eval_every`
+    /// step, so the kept weights are still the best evaluated ones.
+    #[serde(default)]
+    pub max_train_seconds: u64,
     /// Score the held-apart rows and checkpoint every this many steps.
     pub eval_every: u64,
     /// Stop after this many evaluations without a better held-apart AUROC (0: never).
@@ -400,65 +407,86 @@ fn context(
 
 // ------------------------------------------------------------ verdict masking
 
-/// Label id marking "no loss here": every label row holding it is replaced by
-/// the row's own softmax before the loss is computed.
+/// Label id marking "no loss here" in a window's labels: no gradient flows
+/// from such a position (see [`MaskState`]).
 const MASK_ID: i32 = 0;
 
 /// State of the eval callback on the training context.
+///
+/// ggml-opt puts a one-hot label on every position. To train on the verdict
+/// positions alone, every other row of the cross-entropy node's inputs is
+/// overwritten before the loss runs: its logits with zeros and its label
+/// with the uniform distribution `1 / n_vocab`. The gradient of the loss with
+/// respect to a row's logits is `softmax(logits) - label`, and the softmax of
+/// a constant row is that same uniform distribution, so those rows carry no
+/// gradient (up to float rounding). The backward pass of the output
+/// projection reads that gradient and the hidden states, never the logits'
+/// values, so zeroing them changes nothing else. Only the verdict rows are
+/// read from the device (2 × `n_vocab` floats for a pair), and no softmax is
+/// computed on the host: a step costs two `n_rows × n_vocab` writes.
 struct MaskState {
     n_vocab: usize,
     yes: usize,
     no: usize,
+    /// Rows (window positions) that carry a verdict this step, ascending.
+    verdict_rows: Vec<usize>,
+    /// Host copies written over the logits and labels: zeros and
+    /// `1 / n_vocab` outside the verdict rows (those are patched per step
+    /// and restored after).
     logits: Vec<f32>,
     labels: Vec<f32>,
     /// Sum of the verdict losses, verdict count and correct count since the last take.
     loss_sum: f64,
     verdicts: u64,
     correct: u64,
-    /// Set when a step saw no loss node (the masking did not run).
+    /// Set when a step saw no loss node, or a verdict row's label was not the
+    /// one-hot Yes or No the window put there (the masking would be wrong).
     missed: bool,
     seen_loss: bool,
 }
 
 impl MaskState {
     fn mask(&mut self, logits: *mut sys::ggml_tensor, labels: *mut sys::ggml_tensor) {
+        let nv = self.n_vocab;
         // SAFETY: both are live graph tensors of shape [n_vocab, n_rows], F32,
-        // the logits computed (the callback split the graph after them).
+        // the logits computed (the callback split the graph after them); every
+        // read and write stays inside `nv * rows` floats.
         unsafe {
-            let nv = usize::try_from((*logits).ne[0]).unwrap_or(0);
             let rows = usize::try_from((*logits).ne[1]).unwrap_or(0);
-            if nv != self.n_vocab
+            if usize::try_from((*logits).ne[0]).ok() != Some(nv)
                 || (*labels).ne[0] != (*logits).ne[0]
                 || (*labels).ne[1] != (*logits).ne[1]
                 || (*logits).type_ != sys::GGML_TYPE_F32
                 || (*labels).type_ != sys::GGML_TYPE_F32
+                || self.verdict_rows.iter().any(|&r| r >= rows)
             {
                 self.missed = true;
                 return;
             }
-            let bytes = nv * rows * 4;
-            self.logits.resize(nv * rows, 0.0);
-            self.labels.resize(nv * rows, 0.0);
-            sys::ggml_backend_tensor_get(logits, self.logits.as_mut_ptr().cast(), 0, bytes);
-            sys::ggml_backend_tensor_get(labels, self.labels.as_mut_ptr().cast(), 0, bytes);
-        }
-        let nv = self.n_vocab;
-        let mask = usize::try_from(MASK_ID).unwrap_or(0);
-        for r in 0..self.logits.len() / nv {
-            let lg = &self.logits[r * nv..(r + 1) * nv];
-            let lb = &mut self.labels[r * nv..(r + 1) * nv];
-            if lb[mask] == 1.0 {
-                let max = lg.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0f64;
-                for (b, &g) in lb.iter_mut().zip(lg) {
-                    let e = (g - max).exp();
-                    *b = e;
-                    sum += f64::from(e);
-                }
-                let inv = (1.0 / sum) as f32;
-                lb.iter_mut().for_each(|b| *b *= inv);
-            } else {
+            if self.logits.len() != nv * rows {
+                self.logits = vec![0.0; nv * rows];
+                self.labels = vec![1.0 / nv as f32; nv * rows];
+            }
+            let row_bytes = nv * 4;
+            for &r in &self.verdict_rows {
+                let lg = &mut self.logits[r * nv..(r + 1) * nv];
+                let lb = &mut self.labels[r * nv..(r + 1) * nv];
+                sys::ggml_backend_tensor_get(
+                    logits,
+                    lg.as_mut_ptr().cast(),
+                    r * row_bytes,
+                    row_bytes,
+                );
+                sys::ggml_backend_tensor_get(
+                    labels,
+                    lb.as_mut_ptr().cast(),
+                    r * row_bytes,
+                    row_bytes,
+                );
                 let malicious = lb[self.yes] == 1.0;
+                if !malicious && lb[self.no] != 1.0 {
+                    self.missed = true;
+                }
                 // Binary verdict loss over the two labels (what the score reads).
                 let d = f64::from(lg[self.yes]) - f64::from(lg[self.no]);
                 let p_mal = 1.0 / (1.0 + (-d).exp());
@@ -467,15 +495,12 @@ impl MaskState {
                 self.verdicts += 1;
                 self.correct += u64::from(p_true > 0.5);
             }
+            sys::ggml_backend_tensor_set(logits, self.logits.as_ptr().cast(), 0, nv * rows * 4);
+            sys::ggml_backend_tensor_set(labels, self.labels.as_ptr().cast(), 0, nv * rows * 4);
         }
-        // SAFETY: same tensor and size as read above.
-        unsafe {
-            sys::ggml_backend_tensor_set(
-                labels,
-                self.labels.as_ptr().cast(),
-                0,
-                self.labels.len() * 4,
-            );
+        for &r in &self.verdict_rows {
+            self.logits[r * nv..(r + 1) * nv].fill(0.0);
+            self.labels[r * nv..(r + 1) * nv].fill(1.0 / nv as f32);
         }
         self.seen_loss = true;
     }
@@ -1079,6 +1104,7 @@ pub fn run(o: &SftOptions) -> anyhow::Result<SftReport> {
         n_vocab,
         yes: usize::try_from(tpl.yes)?,
         no: usize::try_from(tpl.no)?,
+        verdict_rows: Vec::new(),
         logits: Vec::new(),
         labels: Vec::new(),
         loss_sum: 0.0,
@@ -1218,6 +1244,14 @@ pub fn run(o: &SftOptions) -> anyhow::Result<SftReport> {
             let w = &windows[usize::try_from(st.step)?];
             let t_step = Instant::now();
             mask.seen_loss = false;
+            mask.verdict_rows.clear();
+            mask.verdict_rows.extend(
+                w.labels
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, &l)| l != MASK_ID)
+                    .map(|(i, _)| i),
+            );
             // SAFETY: the dataset's tensors hold WINDOW i32 each; live context.
             unsafe {
                 let data = sys::ggml_get_data(sys::ggml_opt_dataset_data(dataset)).cast::<i32>();
@@ -1262,7 +1296,9 @@ pub fn run(o: &SftOptions) -> anyhow::Result<SftReport> {
                     "fine-tuning"
                 );
             }
-            if st.step % o.eval_every == 0 || st.step == total_steps {
+            let out_of_time =
+                o.max_train_seconds > 0 && t_run.elapsed().as_secs() >= o.max_train_seconds;
+            if st.step % o.eval_every == 0 || st.step == total_steps || out_of_time {
                 let tl = interval_loss.0 / interval_loss.1.max(1) as f64;
                 st.train_loss.push((st.step, tl));
                 interval_loss = (0.0, 0);
@@ -1297,6 +1333,16 @@ pub fn run(o: &SftOptions) -> anyhow::Result<SftReport> {
                         "evaluated"
                     );
                 });
+                if out_of_time {
+                    bar.suspend(|| {
+                        tracing::info!(
+                            step = st.step,
+                            best_step = st.best_step,
+                            "--max-train-seconds reached"
+                        );
+                    });
+                    break;
+                }
                 if o.patience > 0 && st.evals_since_best >= o.patience {
                     bar.suspend(|| {
                         tracing::info!(step = st.step, best_step = st.best_step, "early stop");
