@@ -78,7 +78,7 @@ pub struct BenchArgs {
     #[arg(
         long,
         env = "PROMPTGATE_BENCH_SIZES",
-        value_enum,
+        value_parser = EnumListItem::<crate::bench::Size>::new(),
         value_delimiter = ',',
         default_value = "short,medium,long"
     )]
@@ -136,6 +136,7 @@ pub struct TrainArgs {
     #[arg(
         long,
         env = "PROMPTGATE_TRAIN_POOLINGS",
+        value_parser = EnumListItem::<crate::engine::llama::Pooling>::new(),
         value_delimiter = ',',
         default_value = "last,mean"
     )]
@@ -453,6 +454,62 @@ pub enum WatchArg {
     Off,
 }
 
+/// clap value parser for one item of a comma-separated [`clap::ValueEnum`]
+/// list (`--poolings`, `--sizes`). clap's own enum parser words an empty
+/// item (`last,,mean`) as "a value is required … but none was supplied", as
+/// if the whole flag were missing; this one names the empty item. Other
+/// items, and the possible values shown by `--help`, are clap's own.
+#[derive(Clone)]
+struct EnumListItem<T>(std::marker::PhantomData<T>);
+
+impl<T> EnumListItem<T> {
+    const fn new() -> Self {
+        EnumListItem(std::marker::PhantomData)
+    }
+}
+
+impl<T: clap::ValueEnum + Clone + Send + Sync + 'static> clap::builder::TypedValueParser
+    for EnumListItem<T>
+{
+    type Value = T;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<T, clap::Error> {
+        if value.is_empty() {
+            let possible = T::value_variants()
+                .iter()
+                .filter_map(|v| v.to_possible_value())
+                .map(|p| p.get_name().to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
+            let name = arg.map_or_else(|| "the list".to_string(), |a| format!("'{a}'"));
+            return Err(clap::Error::raw(
+                clap::error::ErrorKind::InvalidValue,
+                format!(
+                    "empty item in the comma-separated list for {name} (two commas in a row, \
+                     or one at an end)\n  [possible values: {possible}]\n"
+                ),
+            )
+            .with_cmd(cmd));
+        }
+        clap::builder::EnumValueParser::<T>::new().parse_ref(cmd, arg, value)
+    }
+
+    fn possible_values(
+        &self,
+    ) -> Option<Box<dyn Iterator<Item = clap::builder::PossibleValue> + '_>> {
+        Some(Box::new(
+            T::value_variants()
+                .iter()
+                .filter_map(clap::ValueEnum::to_possible_value),
+        ))
+    }
+}
+
 fn parse_max_tokens(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(n) if (1..=512).contains(&n) => Ok(n),
@@ -499,6 +556,38 @@ mod tests {
             }
         }
         walk(&Cli::command());
+    }
+
+    #[test]
+    fn regression_empty_item_in_poolings_said_no_value_was_supplied() {
+        let err = |list: &str| {
+            Cli::try_parse_from([
+                "promptgate",
+                "train",
+                "--data",
+                "t.jsonl",
+                "--dev",
+                "d.jsonl",
+                "--base",
+                "b.gguf",
+                "--out",
+                "o",
+                "--poolings",
+                list,
+            ])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+        };
+        let e = err("last,,mean");
+        assert!(
+            e.contains("empty item") && e.contains("last, mean, max"),
+            "{e}"
+        );
+        assert!(!e.contains("none was supplied"), "{e}");
+        let e = err("last,avg");
+        assert!(e.contains("'avg'") && e.contains("last, mean, max"), "{e}");
+        assert_eq!(err("last,max"), "");
     }
 
     #[test]
