@@ -239,9 +239,10 @@ pub struct TrainArgs {
     /// sft: stop after this many optimizer steps (one 256-token window each; 0: no limit).
     #[arg(long, env = "PROMPTGATE_SFT_MAX_STEPS", default_value_t = 0)]
     pub max_steps: u64,
-    /// sft: stop training after this many seconds of this run's optimizer
-    /// steps (0: no limit); the run then evaluates once more and keeps its
-    /// best step as usual.
+    /// sft: stop training once this run's training loop (steps, held-apart
+    /// evaluations and checkpoints; wall time, counted afresh on --resume)
+    /// has run this many seconds (0: no limit); the step it stops on is
+    /// evaluated and the best evaluated step kept as usual.
     #[arg(long, env = "PROMPTGATE_SFT_MAX_TRAIN_SECONDS", default_value_t = 0)]
     pub max_train_seconds: u64,
     /// sft: score the held-apart rows and write a checkpoint every this many steps.

@@ -139,6 +139,7 @@ fn sft_steps_lower_the_loss_resume_continues_and_the_gguf_serves() {
         c.steps
     );
     assert_eq!(c.holdout_loss.last().map(|h| h.0), Some(c.steps));
+    assert_eq!(c.holdout_auroc.last().map(|h| h.0), Some(c.steps));
 
     // Holding apart most of the rows is refused with the flag's name, not
     // reported as "0 malicious and 0 benign training rows".

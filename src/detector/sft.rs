@@ -157,9 +157,11 @@ pub struct SftOptions {
     pub epochs: u32,
     /// Stop after this many steps (0: no limit).
     pub max_steps: u64,
-    /// Stop after this many seconds of this invocation's optimizer steps (0:
-    /// no limit). The step it stops on is evaluated like an `eval_every`
-    /// step, so the kept weights are still the best evaluated ones.
+    /// Stop once this invocation's training loop (steps, held-apart
+    /// evaluations and checkpoints; wall time, counted afresh on `--resume`)
+    /// has run this many seconds (0: no limit). The step it stops on is
+    /// evaluated like an `eval_every` step, so the kept weights are still the
+    /// best evaluated ones.
     #[serde(default)]
     pub max_train_seconds: u64,
     /// Score the held-apart rows and checkpoint every this many steps.
@@ -212,6 +214,9 @@ pub struct SftReport {
     pub train_loss: Vec<(u64, f64)>,
     /// Held-apart verdict loss at each evaluation, in order.
     pub holdout_loss: Vec<(u64, f64)>,
+    /// Held-apart AUROC at each evaluation, in order (what picks the kept step).
+    #[serde(default)]
+    pub holdout_auroc: Vec<(u64, f64)>,
     /// Training examples (verdict positions) seen.
     pub examples_seen: u64,
     /// Window tokens per second of training (padding included).
@@ -230,7 +235,9 @@ pub struct SftReport {
     pub dev_recall_at_1pct_fpr: Option<f64>,
     /// Dev rows scored.
     pub dev_rows: usize,
-    /// Seconds of training steps.
+    /// Wall seconds of this invocation's training loop: its steps and its
+    /// held-apart evaluations and checkpoints (what `--max-train-seconds`
+    /// bounds).
     pub train_seconds: f64,
     /// Seconds in all.
     pub total_seconds: f64,
@@ -253,6 +260,8 @@ struct State {
     examples_seen: u64,
     train_loss: Vec<(u64, f64)>,
     holdout_loss: Vec<(u64, f64)>,
+    #[serde(default)]
+    holdout_auroc: Vec<(u64, f64)>,
     train_seconds: f64,
     window_tokens: u64,
     real_tokens: u64,
@@ -443,6 +452,9 @@ struct MaskState {
     /// one-hot Yes or No the window put there (the masking would be wrong).
     missed: bool,
     seen_loss: bool,
+    /// The logits node once the scheduler has computed it this step (null
+    /// until then; reset before every step).
+    computed_logits: *mut sys::ggml_tensor,
 }
 
 impl MaskState {
@@ -507,22 +519,34 @@ impl MaskState {
 }
 
 /// llama.cpp's `cb_eval` on the training context: split the graph after the
-/// logits (`result_output`), and when the scheduler asks about the
-/// cross-entropy node, mask its labels (see [`MaskState`]).
+/// logits (`result_output`), note when they have been computed (the
+/// scheduler's second call, `ask == false`), and when it asks about the
+/// cross-entropy node, mask its inputs (see [`MaskState`]). The mask is
+/// written only if that node reads the logits just computed: otherwise the
+/// zeros could be overwritten by a later computation of the logits while
+/// the uniform labels stayed, a real gradient on every row, so the step is
+/// marked missed and refused instead.
 unsafe extern "C" fn mask_callback(t: *mut sys::ggml_tensor, ask: bool, ud: *mut c_void) -> bool {
-    if !ask {
-        return true;
-    }
     let r = std::panic::catch_unwind(|| {
         // SAFETY: `ud` is the boxed MaskState given at context creation; `t` a live node.
         unsafe {
             let state = &mut *ud.cast::<MaskState>();
+            if !ask {
+                if CStr::from_ptr(sys::ggml_get_name(t)).to_bytes() == b"result_output" {
+                    state.computed_logits = t;
+                }
+                return true;
+            }
             if (*t).op == sys::GGML_OP_CROSS_ENTROPY_LOSS {
-                state.mask((*t).src[0], (*t).src[1]);
+                if (*t).src[0] == state.computed_logits && !state.computed_logits.is_null() {
+                    state.mask((*t).src[0], (*t).src[1]);
+                } else {
+                    state.seen_loss = true;
+                    state.missed = true;
+                }
                 return false;
             }
-            let name = CStr::from_ptr(sys::ggml_get_name(t));
-            name.to_bytes() == b"result_output"
+            CStr::from_ptr(sys::ggml_get_name(t)).to_bytes() == b"result_output"
         }
     });
     r.unwrap_or(false)
@@ -1112,6 +1136,7 @@ pub fn run(o: &SftOptions) -> anyhow::Result<SftReport> {
         correct: 0,
         missed: false,
         seen_loss: false,
+        computed_logits: std::ptr::null_mut(),
     });
     let mask_ptr: *mut MaskState = &mut *mask;
     let train_ctx = context(&model, WINDOW, o.threads, Some(mask_ptr))?;
@@ -1130,6 +1155,9 @@ pub fn run(o: &SftOptions) -> anyhow::Result<SftReport> {
             examples_seen: 0,
             train_loss: Vec::new(),
             holdout_loss: vec![(0, l)],
+            holdout_auroc: auroc(&scored(&h0, &holdout))
+                .map(|a| vec![(0, a)])
+                .unwrap_or_default(),
             train_seconds: 0.0,
             window_tokens: 0,
             real_tokens: 0,
@@ -1244,6 +1272,7 @@ pub fn run(o: &SftOptions) -> anyhow::Result<SftReport> {
             let w = &windows[usize::try_from(st.step)?];
             let t_step = Instant::now();
             mask.seen_loss = false;
+            mask.computed_logits = std::ptr::null_mut();
             mask.verdict_rows.clear();
             mask.verdict_rows.extend(
                 w.labels
@@ -1264,8 +1293,11 @@ pub fn run(o: &SftOptions) -> anyhow::Result<SftReport> {
             }
             ensure!(
                 mask.seen_loss && !mask.missed,
-                "the loss mask did not run on step {}: refusing to train on every position",
-                st.step
+                "the verdict-only loss mask did not run as it must on step {}: stopping rather \
+                 than train on every position (this step's update is discarded with everything \
+                 after the last checkpoint, step {})",
+                st.step,
+                st.holdout_loss.last().map_or(0, |h| h.0)
             );
             st.step += 1;
             steps_this_run += 1;
@@ -1309,6 +1341,7 @@ pub fn run(o: &SftOptions) -> anyhow::Result<SftReport> {
                 // chosen on dev afterwards, so ranking is what counts), ties
                 // broken by the verdict loss.
                 let ha = auroc(&scored(&h, &holdout)).unwrap_or(0.0);
+                st.holdout_auroc.push((st.step, ha));
                 let best_a = st.best_auroc.unwrap_or(0.0);
                 let better =
                     ha > best_a + 1e-9 || ((ha - best_a).abs() <= 1e-9 && hl < st.best_loss);
@@ -1451,6 +1484,7 @@ pub fn run(o: &SftOptions) -> anyhow::Result<SftReport> {
         train_probe_loss_end: probe_end,
         train_loss: st.train_loss.clone(),
         holdout_loss: st.holdout_loss.clone(),
+        holdout_auroc: st.holdout_auroc.clone(),
         examples_seen: st.examples_seen,
         tokens_per_s: st.window_tokens as f64 / st.train_seconds.max(1e-9),
         real_tokens_per_s: st.real_tokens as f64 / st.train_seconds.max(1e-9),
