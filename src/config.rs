@@ -481,9 +481,10 @@ impl<T: clap::ValueEnum + Clone + Send + Sync + 'static> clap::builder::TypedVal
         value: &std::ffi::OsStr,
     ) -> Result<T, clap::Error> {
         if value.is_empty() {
-            let possible = T::value_variants()
-                .iter()
-                .filter_map(|v| v.to_possible_value())
+            let possible = self
+                .possible_values()
+                .into_iter()
+                .flatten()
                 .map(|p| p.get_name().to_string())
                 .collect::<Vec<_>>()
                 .join(", ");

@@ -531,8 +531,9 @@ unsafe extern "C" fn mask_callback(t: *mut sys::ggml_tensor, ask: bool, ud: *mut
         // SAFETY: `ud` is the boxed MaskState given at context creation; `t` a live node.
         unsafe {
             let state = &mut *ud.cast::<MaskState>();
+            let is_logits = CStr::from_ptr(sys::ggml_get_name(t)).to_bytes() == b"result_output";
             if !ask {
-                if CStr::from_ptr(sys::ggml_get_name(t)).to_bytes() == b"result_output" {
+                if is_logits {
                     state.computed_logits = t;
                 }
                 return true;
@@ -546,7 +547,7 @@ unsafe extern "C" fn mask_callback(t: *mut sys::ggml_tensor, ask: bool, ud: *mut
                 }
                 return false;
             }
-            CStr::from_ptr(sys::ggml_get_name(t)).to_bytes() == b"result_output"
+            is_logits
         }
     });
     r.unwrap_or(false)
@@ -1142,26 +1143,22 @@ pub fn run(o: &SftOptions) -> anyhow::Result<SftReport> {
     let train_ctx = context(&model, WINDOW, o.threads, Some(mask_ptr))?;
 
     let h0 = score_examples(&eval_ctx, &mut eval_batch, &tpl, &holdout, n_vocab)?;
-    let mut st = state.take().unwrap_or_else(|| {
-        let l = verdict_loss(&h0, &holdout);
-        State {
-            key: key.clone(),
-            step: 0,
-            best_step: 0,
-            best_loss: l,
-            best_auroc: auroc(&scored(&h0, &holdout)),
-            start_loss: l,
-            evals_since_best: 0,
-            examples_seen: 0,
-            train_loss: Vec::new(),
-            holdout_loss: vec![(0, l)],
-            holdout_auroc: auroc(&scored(&h0, &holdout))
-                .map(|a| vec![(0, a)])
-                .unwrap_or_default(),
-            train_seconds: 0.0,
-            window_tokens: 0,
-            real_tokens: 0,
-        }
+    let (h0_loss, h0_auroc) = (verdict_loss(&h0, &holdout), auroc(&scored(&h0, &holdout)));
+    let mut st = state.take().unwrap_or_else(|| State {
+        key: key.clone(),
+        step: 0,
+        best_step: 0,
+        best_loss: h0_loss,
+        best_auroc: h0_auroc,
+        start_loss: h0_loss,
+        evals_since_best: 0,
+        examples_seen: 0,
+        train_loss: Vec::new(),
+        holdout_loss: vec![(0, h0_loss)],
+        holdout_auroc: h0_auroc.map(|a| vec![(0, a)]).unwrap_or_default(),
+        train_seconds: 0.0,
+        window_tokens: 0,
+        real_tokens: 0,
     });
     let resumed_from = st.step;
     // A fixed probe of training examples: the fit itself, start and end.
@@ -1190,8 +1187,8 @@ pub fn run(o: &SftOptions) -> anyhow::Result<SftReport> {
     }
     tracing::info!(
         step = st.step,
-        holdout_loss = verdict_loss(&h0, &holdout),
-        holdout_auroc = auroc(&scored(&h0, &holdout)).unwrap_or(f64::NAN),
+        holdout_loss = h0_loss,
+        holdout_auroc = h0_auroc.unwrap_or(f64::NAN),
         "held-apart rows before this run"
     );
 
@@ -1340,7 +1337,8 @@ pub fn run(o: &SftOptions) -> anyhow::Result<SftReport> {
                 // The kept step: best held-apart AUROC (the threshold is
                 // chosen on dev afterwards, so ranking is what counts), ties
                 // broken by the verdict loss.
-                let ha = auroc(&scored(&h, &holdout)).unwrap_or(0.0);
+                let ha_defined = auroc(&scored(&h, &holdout));
+                let ha = ha_defined.unwrap_or(0.0);
                 st.holdout_auroc.push((st.step, ha));
                 let best_a = st.best_auroc.unwrap_or(0.0);
                 let better =
@@ -1361,7 +1359,7 @@ pub fn run(o: &SftOptions) -> anyhow::Result<SftReport> {
                         step = st.step,
                         train_loss = tl,
                         holdout_loss = hl,
-                        holdout_auroc = auroc(&scored(&h, &holdout)).unwrap_or(f64::NAN),
+                        holdout_auroc = ha_defined.unwrap_or(f64::NAN),
                         best_step = st.best_step,
                         "evaluated"
                     );
