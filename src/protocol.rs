@@ -6,6 +6,7 @@
 
 use bytes::{Buf, BytesMut};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 /// Default cap on one request line, in bytes (1 MiB), newline excluded.
@@ -159,8 +160,10 @@ pub enum Request {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRequest {
+    // Kept as its text, to refuse an integer that a `Value` would turn into
+    // a float ([`integer_beyond_64_bits`]).
     #[serde(default)]
-    id: Option<Value>,
+    id: Option<Box<RawValue>>,
     #[serde(default)]
     text: Option<Value>,
     #[serde(default)]
@@ -215,7 +218,35 @@ pub fn decode_line(line: &[u8]) -> Result<Request, (Value, RequestError)> {
         };
         (id, RequestError::new(kind, format!("{what}: {e}")))
     })?;
-    let id = raw.id.unwrap_or(Value::Null);
+    let id = match raw.id {
+        None => Value::Null,
+        Some(raw_id) => {
+            if let Some(literal) = integer_beyond_64_bits(raw_id.get()) {
+                return Err((
+                    Value::Null,
+                    RequestError::new(
+                        ErrorType::InvalidRequest,
+                        format!(
+                            "`id` holds the integer {literal}, beyond 64 bits: it would not come \
+                             back as sent; send such an id as a string"
+                        ),
+                    ),
+                ));
+            }
+            // RawValue skips serde_json's recursion limit; this parse applies it.
+            serde_json::from_str(raw_id.get()).map_err(|e| {
+                let kind = if e.is_data() {
+                    ErrorType::InvalidRequest
+                } else {
+                    ErrorType::InvalidJson
+                };
+                (
+                    Value::Null,
+                    RequestError::new(kind, format!("invalid `id`: {e}")),
+                )
+            })?
+        }
+    };
     if let Some(cmd) = raw.cmd {
         if raw.text.is_some() || raw.threshold.is_some() || raw.explain.is_some() {
             return Err((
@@ -316,6 +347,43 @@ fn classify_text(
         threshold,
         explain,
     }))
+}
+
+/// The first integer literal in `json` (valid JSON text) that fits neither
+/// `i64` nor `u64`, if any. serde_json reads such an integer as an `f64`, so
+/// `12345678901234567890123` would be echoed as `1.2345678901234568e22`;
+/// literals with a fraction or an exponent are floats as sent and pass.
+fn integer_beyond_64_bits(json: &str) -> Option<&str> {
+    let b = json.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'"' => {
+                i += 1;
+                while i < b.len() && b[i] != b'"' {
+                    i += if b[i] == b'\\' { 2 } else { 1 };
+                }
+                i += 1;
+            }
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                i += 1;
+                while i < b.len() && matches!(b[i], b'0'..=b'9' | b'.' | b'e' | b'E' | b'+' | b'-')
+                {
+                    i += 1;
+                }
+                let literal = &json[start..i];
+                if !literal.contains(['.', 'e', 'E'])
+                    && literal.parse::<i64>().is_err()
+                    && literal.parse::<u64>().is_err()
+                {
+                    return Some(literal);
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    None
 }
 
 fn json_kind(v: &Value) -> &'static str {
@@ -786,6 +854,50 @@ mod tests {
     fn err_of(line: &[u8]) -> (Value, ErrorType) {
         let (id, e) = decode_line(line).unwrap_err();
         (id, e.kind)
+    }
+
+    #[test]
+    fn regression_integer_id_beyond_64_bits_came_back_as_a_float() {
+        // It used to be echoed as 1.2345678901234568e22: refused now, with
+        // the literal in the message so the client can still match it.
+        for line in [
+            &br#"{"id":12345678901234567890123,"text":"x"}"#[..],
+            br#"{"id":-9223372036854775809,"text":"x"}"#,
+            br#"{"id":18446744073709551616,"cmd":"health"}"#,
+            br#"{"id":[1,{"k":"\"99","n":99999999999999999999}],"text":"x"}"#,
+        ] {
+            let (id, e) = decode_line(line).unwrap_err();
+            assert_eq!((id, e.kind), (Value::Null, ErrorType::InvalidRequest));
+            assert!(e.message.contains("beyond 64 bits"), "{}", e.message);
+        }
+        let (_, e) = decode_line(br#"{"id":12345678901234567890123,"text":"x"}"#).unwrap_err();
+        assert!(
+            e.message.contains("12345678901234567890123"),
+            "{}",
+            e.message
+        );
+        // The 64-bit extremes, floats, and digits inside strings pass unchanged.
+        for (line, id) in [
+            (
+                &br#"{"id":18446744073709551615,"text":"x"}"#[..],
+                "18446744073709551615",
+            ),
+            (
+                br#"{"id":-9223372036854775808,"text":"x"}"#,
+                "-9223372036854775808",
+            ),
+            (br#"{"id":1.5e3,"text":"x"}"#, "1500.0"),
+            (
+                br#"{"id":"12345678901234567890123","text":"x"}"#,
+                r#""12345678901234567890123""#,
+            ),
+            (br#"{"id":["a\"1",7],"text":"x"}"#, r#"["a\"1",7]"#),
+        ] {
+            match decode_line(line) {
+                Ok(Request::Classify(c)) => assert_eq!(c.id.to_string(), id),
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     #[test]
