@@ -174,6 +174,13 @@ struct RawRequest {
     explain: Option<Value>,
 }
 
+/// The id alone, to answer a line that is not a valid request with its id.
+#[derive(Deserialize)]
+struct IdOnly {
+    #[serde(default)]
+    id: Option<Box<RawValue>>,
+}
+
 /// Decodes one line (without its newline) into a request.
 ///
 /// A line whose first non-blank character is not `{` is the prompt itself,
@@ -202,9 +209,11 @@ pub fn decode_line(line: &[u8]) -> Result<Request, (Value, RequestError)> {
     // Deserialized straight from the text, not through a `Value`, so that a
     // duplicate key is an error rather than silently "last one wins".
     let raw: RawRequest = serde_json::from_str(line).map_err(|e| {
-        let id = serde_json::from_str::<Value>(line)
+        let id = serde_json::from_str::<IdOnly>(line)
             .ok()
-            .and_then(|v| v.get("id").cloned())
+            .and_then(|r| r.id)
+            .filter(|raw_id| integer_beyond_64_bits(raw_id.get()).is_none())
+            .and_then(|raw_id| serde_json::from_str::<Value>(raw_id.get()).ok())
             .unwrap_or(Value::Null);
         let kind = if e.is_data() {
             ErrorType::InvalidRequest
@@ -222,6 +231,10 @@ pub fn decode_line(line: &[u8]) -> Result<Request, (Value, RequestError)> {
         None => Value::Null,
         Some(raw_id) => {
             if let Some(literal) = integer_beyond_64_bits(raw_id.get()) {
+                let literal = match literal.char_indices().nth(64) {
+                    Some((cut, _)) => format!("{}…", &literal[..cut]),
+                    None => literal.to_string(),
+                };
                 return Err((
                     Value::Null,
                     RequestError::new(
@@ -352,7 +365,8 @@ fn classify_text(
 /// The first integer literal in `json` (valid JSON text) that fits neither
 /// `i64` nor `u64`, if any. serde_json reads such an integer as an `f64`, so
 /// `12345678901234567890123` would be echoed as `1.2345678901234568e22`;
-/// literals with a fraction or an exponent are floats as sent and pass.
+/// literals with a fraction or an exponent are floats as sent and pass, and
+/// so does `-0` (serde_json echoes it as `-0.0`, the same number).
 fn integer_beyond_64_bits(json: &str) -> Option<&str> {
     let b = json.as_bytes();
     let mut i = 0;
@@ -865,6 +879,8 @@ mod tests {
             br#"{"id":-9223372036854775809,"text":"x"}"#,
             br#"{"id":18446744073709551616,"cmd":"health"}"#,
             br#"{"id":[1,{"k":"\"99","n":99999999999999999999}],"text":"x"}"#,
+            // An escaped backslash ends the string: the number after it counts.
+            br#"{"id":["a\\",99999999999999999999999],"text":"x"}"#,
         ] {
             let (id, e) = decode_line(line).unwrap_err();
             assert_eq!((id, e.kind), (Value::Null, ErrorType::InvalidRequest));
@@ -876,6 +892,20 @@ mod tests {
             "{}",
             e.message
         );
+        // A line that fails for another reason does not echo it as a float either.
+        for line in [
+            &br#"{"id":12345678901234567890123,"text":"x","bogus":1}"#[..],
+            br#"{"id":12345678901234567890123,"text":"x","text":"y"}"#,
+        ] {
+            let (id, e) = decode_line(line).unwrap_err();
+            assert_eq!((id, e.kind), (Value::Null, ErrorType::InvalidRequest));
+        }
+        let (id, _) = decode_line(br#"{"id":7,"text":"x","bogus":1}"#).unwrap_err();
+        assert_eq!(id, Value::from(7));
+        // A huge literal is cut in the message.
+        let huge = format!(r#"{{"id":{},"text":"x"}}"#, "9".repeat(10_000));
+        let (_, e) = decode_line(huge.as_bytes()).unwrap_err();
+        assert!(e.message.len() < 300, "{}", e.message.len());
         // The 64-bit extremes, floats, and digits inside strings pass unchanged.
         for (line, id) in [
             (
@@ -892,6 +922,10 @@ mod tests {
                 r#""12345678901234567890123""#,
             ),
             (br#"{"id":["a\"1",7],"text":"x"}"#, r#"["a\"1",7]"#),
+            (
+                br#"{"id":"\"99999999999999999999999","text":"x"}"#,
+                r#""\"99999999999999999999999""#,
+            ),
         ] {
             match decode_line(line) {
                 Ok(Request::Classify(c)) => assert_eq!(c.id.to_string(), id),
