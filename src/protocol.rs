@@ -212,8 +212,7 @@ pub fn decode_line(line: &[u8]) -> Result<Request, (Value, RequestError)> {
         let id = serde_json::from_str::<IdOnly>(line)
             .ok()
             .and_then(|r| r.id)
-            .filter(|raw_id| integer_beyond_64_bits(raw_id.get()).is_none())
-            .and_then(|raw_id| serde_json::from_str::<Value>(raw_id.get()).ok())
+            .and_then(|raw_id| decode_id(&raw_id).ok())
             .unwrap_or(Value::Null);
         let kind = if e.is_data() {
             ErrorType::InvalidRequest
@@ -229,36 +228,7 @@ pub fn decode_line(line: &[u8]) -> Result<Request, (Value, RequestError)> {
     })?;
     let id = match raw.id {
         None => Value::Null,
-        Some(raw_id) => {
-            if let Some(literal) = integer_beyond_64_bits(raw_id.get()) {
-                let literal = match literal.char_indices().nth(64) {
-                    Some((cut, _)) => format!("{}…", &literal[..cut]),
-                    None => literal.to_string(),
-                };
-                return Err((
-                    Value::Null,
-                    RequestError::new(
-                        ErrorType::InvalidRequest,
-                        format!(
-                            "`id` holds the integer {literal}, beyond 64 bits: it would not come \
-                             back as sent; send such an id as a string"
-                        ),
-                    ),
-                ));
-            }
-            // RawValue skips serde_json's recursion limit; this parse applies it.
-            serde_json::from_str(raw_id.get()).map_err(|e| {
-                let kind = if e.is_data() {
-                    ErrorType::InvalidRequest
-                } else {
-                    ErrorType::InvalidJson
-                };
-                (
-                    Value::Null,
-                    RequestError::new(kind, format!("invalid `id`: {e}")),
-                )
-            })?
-        }
+        Some(raw_id) => decode_id(&raw_id).map_err(|e| (Value::Null, e))?,
     };
     if let Some(cmd) = raw.cmd {
         if raw.text.is_some() || raw.threshold.is_some() || raw.explain.is_some() {
@@ -360,6 +330,34 @@ fn classify_text(
         threshold,
         explain,
     }))
+}
+
+/// The request's id as a [`Value`], from its raw text. An integer beyond 64
+/// bits is refused ([`integer_beyond_64_bits`]), the literal cut to 64
+/// characters in the message; RawValue skips serde_json's recursion limit,
+/// so this parse applies it (`invalid_json`).
+fn decode_id(raw_id: &RawValue) -> Result<Value, RequestError> {
+    if let Some(literal) = integer_beyond_64_bits(raw_id.get()) {
+        let literal = match literal.char_indices().nth(64) {
+            Some((cut, _)) => format!("{}…", &literal[..cut]),
+            None => literal.to_string(),
+        };
+        return Err(RequestError::new(
+            ErrorType::InvalidRequest,
+            format!(
+                "`id` holds the integer {literal}, beyond 64 bits: it would not come \
+                 back as sent; send such an id as a string"
+            ),
+        ));
+    }
+    serde_json::from_str(raw_id.get()).map_err(|e| {
+        let kind = if e.is_data() {
+            ErrorType::InvalidRequest
+        } else {
+            ErrorType::InvalidJson
+        };
+        RequestError::new(kind, format!("invalid `id`: {e}"))
+    })
 }
 
 /// The first integer literal in `json` (valid JSON text) that fits neither
